@@ -1,0 +1,73 @@
+"""What the commands share: option aliases, the error boundary, the consoles."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+err = Console(stderr=True)  # progress, tables and messages: stdout stays free for --json
+
+JSON = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
+DEVICE = Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
+ALPHA = Annotated[float, typer.Option("--alpha", "-a", help="Width multiplier α: channels are int(c·α), at least 8.")]
+RHO = Annotated[float | None, typer.Option("--rho", help="Resolution multiplier ρ: input round(224·ρ).")]
+
+
+class UserError(Exception):
+    """A mistake of the user's: shown as one line, exit code 2."""
+
+
+def fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def user_errors(command):
+    """Turns the library's ValueErrors (bad config, data or weights) into one line and exit 2, Ctrl-C into 130."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            err.print("Interrupted.")
+            raise typer.Exit(130)
+        except (UserError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+            fail(str(e))
+        except ImportError as e:
+            fail(f"{e}. Install the missing package (pip install 'mobilenet-fn[test]' brings every extra).")
+
+    return wrapper
+
+
+def pick_device(name: str):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available here; use --device cpu or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: MPS is not available here; use --device cpu or auto")
+    return device
+
+
+def print_json(obj) -> None:
+    import json
+
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()

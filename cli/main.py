@@ -1,0 +1,40 @@
+"""The `mobilenet-fn` command: one file per subcommand, composed here."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .summary import summary
+
+app = typer.Typer(
+    help="MobileNet v1 as a pure function: train, evaluate, predict, convert, export, resize, summarise.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from mobilenet_fn import __version__
+
+        typer.echo(f"mobilenet-fn {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+):
+    """MobileNet v1 (Howard et al. 2017) as a pure function of a parameter tree."""
+
+
+app.command()(summary)
+
+
+def run() -> None:
+    app()

@@ -1,0 +1,480 @@
+"""Datasets and transforms.
+
+``load(name_or_path, ...)`` returns a ``Dataset``: class names, a train and a validation ``Source`` (and a test one
+for Fashion-MNIST), the preprocessing, and a description of the split for ``split.json``. A source is either a
+``TensorSource`` (a small set held in memory as one uint8 tensor and augmented per batch on the device) or a
+``FileSource`` (image files streamed through a DataLoader with workers; unreadable files are skipped and counted).
+``batches(...)`` turns a source into normalised (N, 3, R, R) float batches on the device.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)  # Debian's dataset-fashion-mnist
+FASHION_MNIST_STATS = {"mean": [0.2860] * 3, "std": [0.3530] * 3}
+IMAGENET_STATS = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+DEFAULT_RESOLUTION = {"sample": 32, "fashion-mnist": 32, "imagenette": 160}
+FOLDER_RESOLUTION = 224
+CROP_SCALE = (0.25, 1.0)  # random resized crop; the paper used less augmentation than Inception's (0.08, 1)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+class DataError(ValueError):
+    """Bad data given by the user: the message says what is wrong and what to do."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MOBILENET_FN_CACHE", Path.home() / ".cache" / "mobilenet-fn"))
+
+
+@dataclass
+class TensorSource:
+    images: torch.Tensor  # (N, C, H, W) uint8
+    labels: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class FileSource:
+    samples: list[tuple[str, int]]  # (path, label)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.tensor([label for _, label in self.samples], dtype=torch.long)
+
+
+Source = TensorSource | FileSource
+
+
+@dataclass
+class Dataset:
+    name: str
+    classes: list[str]
+    train: Source
+    val: Source
+    preprocess: dict
+    split: dict  # what split.json records: where the data came from and which part is validation
+    test: Source | None = None
+    skipped: list[str] = field(default_factory=list)
+
+
+def preprocess_for(resolution: int, *, crop_pct: float, stats: dict, interpolation: str = "bilinear") -> dict:
+    """Eval preprocessing: resize the short side to resolution / crop_pct, centre-crop resolution, normalise."""
+    return {
+        "resolution": resolution,
+        "resize": int(math.floor(resolution / crop_pct)),
+        "crop_pct": crop_pct,
+        "interpolation": interpolation,
+        "mean": list(stats["mean"]),
+        "std": list(stats["std"]),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_idx(path: str | Path) -> torch.Tensor:
+    """An IDX file (the MNIST format), gzipped or not, as a uint8 tensor of its stored shape."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError(f"{path}: not an unsigned-byte IDX file")
+    ndim = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    body = data[4 + 4 * ndim:]
+    if len(body) != math.prod(shape):
+        raise DataError(f"{path}: truncated IDX file ({len(body)} bytes for shape {shape})")
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(shape)
+
+
+def _fashion_mnist_files(folder: Path) -> dict[str, Path] | None:
+    names = {
+        "train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
+        "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte",
+    }
+    found = {}
+    for key, stem in names.items():
+        for candidate in (folder / f"{stem}.gz", folder / stem):
+            if candidate.is_file():
+                found[key] = candidate
+                break
+        else:
+            return None
+    return found
+
+
+def fashion_mnist_arrays(download: bool = True) -> tuple[dict[str, torch.Tensor], str]:
+    """The four Fashion-MNIST arrays, from Debian's package when present, else downloaded by torchvision."""
+    for folder in (*FASHION_MNIST_DIRS, cache_dir() / "FashionMNIST" / "raw"):
+        files = _fashion_mnist_files(Path(folder))
+        if files:
+            return {k: read_idx(p) for k, p in files.items()}, str(folder)
+    if not download:
+        raise DataError("Fashion-MNIST not found: apt-get install dataset-fashion-mnist, or allow the download")
+    from torchvision.datasets import FashionMNIST
+
+    root = cache_dir()
+    FashionMNIST(str(root), train=True, download=True)
+    FashionMNIST(str(root), train=False, download=True)
+    return fashion_mnist_arrays(download=False)
+
+
+def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (train, val): each class contributes round(n_class * val_fraction) validation items, at least one."""
+    generator = torch.Generator().manual_seed(seed)
+    train, val = [], []
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        n_val = max(1, round(len(idx) * val_fraction))
+        if n_val >= len(idx):
+            raise DataError(f"class {c} has {len(idx)} image(s): too few to hold out a validation split")
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return torch.cat(train).sort().values, torch.cat(val).sort().values
+
+
+def _class_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[str, int]]]:
+    """An ImageFolder tree: (class names, [(path, label)]). ``classes`` fixes the label order (for val/)."""
+    folders = _class_folders(root)
+    names = [p.name for p in folders]
+    if classes is not None:
+        unknown = sorted(set(names) - set(classes))
+        if unknown:
+            raise DataError(f"{root}: class folder(s) {', '.join(unknown)} are not among train/'s classes")
+    else:
+        classes = names
+    index = {c: i for i, c in enumerate(classes)}
+    samples = [(str(p), index[f.name]) for f in folders for p in _images_in(f)]
+    return classes, samples
+
+
+def _check_classes(root: Path, classes: list[str], samples: list) -> None:
+    if len(classes) < 2:
+        raise DataError(f"{root}: found {len(classes)} class folder(s); need at least 2 (one sub-folder per class)")
+    counts = torch.bincount(torch.tensor([s[1] for s in samples], dtype=torch.long), minlength=len(classes))
+    empty = [c for c, n in zip(classes, counts.tolist()) if n == 0]
+    if empty:
+        raise DataError(f"{root}: class folder(s) with no images: {', '.join(empty)}")
+
+
+def folder_dataset(root: str | Path, *, val_split: float, seed: int) -> tuple[list[str], FileSource, FileSource, dict]:
+    """A user's folder: ``train/`` and ``val/`` ImageFolders, or one folder per class split (stratified, seeded)."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise DataError(f"{root}: is a file; give a folder of class folders (or with train/ and val/)")
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        classes, train = scan_folder(root / "train")
+        _check_classes(root / "train", classes, train)
+        _, val = scan_folder(root / "val", classes)
+        if not val:
+            raise DataError(f"{root / 'val'}: no images found")
+        split = {"kind": "folders", "root": str(root.resolve()), "train": "train", "val": "val"}
+        return classes, FileSource(train), FileSource(val), split
+    if not 0 < val_split < 1:
+        raise DataError(f"--val-split must be between 0 and 1, got {val_split}")
+    classes, samples = scan_folder(root)
+    if not samples:
+        raise DataError(f"{root}: no images found (expected one sub-folder of images per class)")
+    _check_classes(root, classes, samples)
+    train_idx, val_idx = stratified_split(FileSource(samples).labels, val_split, seed)
+    val = [samples[i] for i in val_idx.tolist()]
+    split = {
+        "kind": "split", "root": str(root.resolve()), "val_split": val_split, "seed": seed,
+        "val": [os.path.relpath(p, root) for p, _ in val],
+    }
+    return classes, FileSource([samples[i] for i in train_idx.tolist()]), FileSource(val), split
+
+
+def sample_root() -> Path:
+    """The embedded sample set (an ImageFolder with train/ and val/), shipped inside the package."""
+    return Path(str(resources.files("mobilenet_fn.sample") / "sample"))
+
+
+def _load_images(source: FileSource) -> tuple[TensorSource, list[str]]:
+    """Decodes a small FileSource into memory: grayscale (N, 1, H, W) uint8 if every image is gray, else RGB."""
+    from PIL import Image
+
+    images, labels, skipped = [], [], []
+    for path, label in source.samples:
+        try:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB") if im.mode not in ("L", "RGB") else im.copy())
+            labels.append(label)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            skipped.append(path)
+    if not images:
+        raise DataError("no readable images")
+    gray = all(im.mode == "L" for im in images)
+    sizes = {im.size for im in images}
+    if len(sizes) != 1:
+        raise DataError(f"images in memory must share one size, found {sorted(sizes)[:3]}")
+    tensors = [torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8) for im in images]
+    w, h = images[0].size
+    c = 1 if gray else 3
+    stack = torch.stack([t.reshape(h, w, -1)[..., :c] if not gray else t.reshape(h, w, 1) for t in tensors])
+    return TensorSource(stack.permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)), skipped
+
+
+def load(
+    data: str, *, resolution: int | None = None, val_split: float = 0.2, seed: int = 0, download: bool = True
+) -> Dataset:
+    """``data`` is "sample", "fashion-mnist", "imagenette" or a folder path. ``resolution`` defaults per data."""
+    res = resolution or DEFAULT_RESOLUTION.get(data, FOLDER_RESOLUTION)
+    if data == "sample":
+        root = sample_root()
+        classes, train, val, split = folder_dataset(root, val_split=val_split, seed=seed)
+        train_t, s1 = _load_images(train)
+        val_t, s2 = _load_images(val)
+        split = {"kind": "sample", "train": "train", "val": "val"}
+        pre = preprocess_for(res, crop_pct=1.0, stats=FASHION_MNIST_STATS)
+        return Dataset("sample", classes, train_t, val_t, pre, split, skipped=s1 + s2)
+    if data == "fashion-mnist":
+        arrays, where = fashion_mnist_arrays(download)
+        labels = arrays["train_labels"].long()
+        train_idx, val_idx = stratified_split(labels, 5000 / len(labels), seed=0)
+        images = arrays["train_images"].unsqueeze(1)  # (N, 1, 28, 28)
+        split = {"kind": "fashion-mnist", "source": where, "val_indices_of_train": val_idx.tolist(), "seed": 0}
+        return Dataset(
+            "fashion-mnist", list(FASHION_MNIST_CLASSES),
+            TensorSource(images[train_idx], labels[train_idx]), TensorSource(images[val_idx], labels[val_idx]),
+            preprocess_for(res, crop_pct=1.0, stats=FASHION_MNIST_STATS), split,
+            test=TensorSource(arrays["test_images"].unsqueeze(1), arrays["test_labels"].long()),
+        )
+    if data == "imagenette":
+        root = imagenette_root(download)
+        _, train, val, split = folder_dataset(root, val_split=val_split, seed=seed)
+        from torchvision.datasets import Imagenette
+
+        names = dict(zip(Imagenette._WNID_TO_CLASS, (n[0] for n in Imagenette._WNID_TO_CLASS.values())))
+        classes = [names.get(p.name, p.name) for p in _class_folders(root / "train")]
+        split["kind"] = "imagenette"
+        return Dataset("imagenette", classes, train, val, preprocess_for(res, crop_pct=0.875, stats=IMAGENET_STATS),
+                       split)
+    classes, train, val, split = folder_dataset(data, val_split=val_split, seed=seed)
+    return Dataset(str(Path(data)), classes, train, val, preprocess_for(res, crop_pct=0.875, stats=IMAGENET_STATS),
+                   split)
+
+
+def imagenette_root(download: bool = True) -> Path:
+    """Imagenette (160 px) in the cache folder, downloaded by torchvision the first time."""
+    root = cache_dir() / "imagenette"
+    folder = root / "imagenette2-160"
+    if not (folder / "train").is_dir():
+        if not download:
+            raise DataError(f"Imagenette not found in {root}")
+        from torchvision.datasets import Imagenette
+
+        Imagenette(str(root), split="train", size="160px", download=True)
+    return folder
+
+
+def validation_source(split: dict, classes: list[str]) -> Source:
+    """Rebuilds the validation set a run recorded in split.json (for ``eval`` without ``--data``)."""
+    kind = split.get("kind")
+    if kind == "sample":
+        return load("sample").val
+    if kind == "fashion-mnist":
+        return load("fashion-mnist", download=False).val
+    root = Path(split.get("root", ""))
+    if not root.is_dir():
+        raise DataError(f"the validation data recorded in the weights ({root}) is not on this machine")
+    if kind in ("folders", "imagenette"):
+        _, samples = scan_folder(root / split["val"], classes)
+        return FileSource(samples)
+    if kind == "split":
+        index = {c: i for i, c in enumerate(classes)}
+        samples = [(str(root / rel), index[Path(rel).parts[0]]) for rel in split["val"]]
+        return FileSource(samples)
+    raise DataError(f"unknown split kind {kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Transforms and batches
+
+
+def normalize(x: torch.Tensor, preprocess: dict) -> torch.Tensor:
+    """(N, C, H, W) in [0, 1] -> normalised 3-channel float; grayscale is repeated to 3 channels."""
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    mean = torch.tensor(preprocess["mean"], device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(preprocess["std"], device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def random_resized_crop(x: torch.Tensor, size: int, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
+    """Per-image random resized crop (and horizontal flip) of a (N, C, H, W) float batch, as one grid_sample."""
+    n = x.shape[0]
+    dev = x.device
+    area = torch.empty(n, device=dev).uniform_(*CROP_SCALE, generator=generator)
+    log_ratio = torch.empty(n, device=dev).uniform_(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]),
+                                                    generator=generator)
+    ratio = log_ratio.exp()
+    w = (area * ratio).sqrt().clamp(max=1.0)  # crop size as a fraction of the side
+    h = (area / ratio).sqrt().clamp(max=1.0)
+    cx = (torch.rand(n, device=dev, generator=generator) * 2 - 1) * (1 - w)
+    cy = (torch.rand(n, device=dev, generator=generator) * 2 - 1) * (1 - h)
+    sign = torch.where(torch.rand(n, device=dev, generator=generator) < 0.5, -1.0, 1.0) if flip else torch.ones(n, device=dev)
+    theta = torch.zeros(n, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 0, 2] = w * sign, cx
+    theta[:, 1, 1], theta[:, 1, 2] = h, cy
+    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def resize_center_crop(x: torch.Tensor, preprocess: dict) -> torch.Tensor:
+    """Eval transform of a (N, C, H, W) float batch: short side to ``resize``, centre crop ``resolution``."""
+    h, w = x.shape[-2:]
+    scale = preprocess["resize"] / min(h, w)
+    size = (max(preprocess["resize"], round(h * scale)), max(preprocess["resize"], round(w * scale)))
+    if size != (h, w):
+        mode = "bicubic" if preprocess.get("interpolation") == "bicubic" else "bilinear"
+        x = F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)
+    r = preprocess["resolution"]
+    top, left = (x.shape[-2] - r) // 2, (x.shape[-1] - r) // 2
+    return x[..., top: top + r, left: left + r]
+
+
+def _file_transform(preprocess: dict, train: bool, augment: bool):
+    from torchvision.transforms import v2
+
+    r = preprocess["resolution"]
+    interp = v2.InterpolationMode.BICUBIC if preprocess.get("interpolation") == "bicubic" else v2.InterpolationMode.BILINEAR
+    if train and augment:
+        ops = [v2.RandomResizedCrop(r, scale=CROP_SCALE, ratio=CROP_RATIO, interpolation=interp, antialias=True),
+               v2.RandomHorizontalFlip()]
+    else:
+        ops = [v2.Resize(preprocess["resize"], interpolation=interp, antialias=True), v2.CenterCrop(r)]
+    return v2.Compose([v2.ToImage(), *ops, v2.ToDtype(torch.uint8)])
+
+
+class _Files(torch.utils.data.Dataset):
+    """Image files as uint8 (3, R, R) tensors; an unreadable file gives None, which the collate drops."""
+
+    def __init__(self, samples, transform):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+            return self.transform(im), label
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+            return None, path
+
+
+def _collate(items):
+    good = [(x, y) for x, y in items if x is not None]
+    bad = [p for x, p in items if x is None]
+    if not good:
+        return None, None, bad
+    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), bad
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # (N, 3, R, R) normalised float on the device
+    y: torch.Tensor  # (N,) int64 on the device
+    skipped: list[str]  # unreadable files met while making this batch
+
+
+def order(n: int, *, shuffle: bool, seed: int, epoch: int) -> torch.Tensor:
+    """The visiting order of an epoch: a permutation drawn from (seed, epoch), so a resumed run repeats it."""
+    if not shuffle:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def batches(
+    source: Source, preprocess: dict, *, batch_size: int, train: bool, augment: bool = True, device="cpu",
+    seed: int = 0, epoch: int = 0, start: int = 0, drop_last: bool | None = None, workers: int = 0,
+    shard: tuple[int, int] = (0, 1), channels_last: bool = False,
+) -> Iterator[Batch]:
+    """Yields the batches of one epoch from batch index ``start`` on.
+
+    Training shuffles with (seed, epoch) and drops the last partial batch (so a compiled step sees one shape);
+    evaluation keeps every item in order. ``shard=(rank, world)`` takes every world-th item for rank.
+    """
+    device = torch.device(device)
+    drop_last = train if drop_last is None else drop_last
+    idx = order(len(source), shuffle=train, seed=seed, epoch=epoch)
+    rank, world = shard
+    if world > 1:
+        usable = len(idx) - len(idx) % world if train else len(idx)
+        idx = idx[:usable][rank::world]
+    n_batches = len(idx) // batch_size if drop_last else math.ceil(len(idx) / batch_size)
+    mem = torch.channels_last if channels_last else torch.contiguous_format
+
+    def finish(x_uint8: torch.Tensor, y: torch.Tensor, i: int, skipped: list) -> Batch:
+        x = x_uint8.to(device, non_blocking=True).float().div_(255)
+        y = y.to(device, non_blocking=True)
+        if isinstance(source, TensorSource):
+            if train and augment:
+                g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch * 10_007 + i)
+                x = random_resized_crop(x, preprocess["resolution"], g)
+            else:
+                x = resize_center_crop(x, preprocess)
+        x = normalize(x, preprocess).contiguous(memory_format=mem)
+        return Batch(x, y, skipped)
+
+    if isinstance(source, TensorSource):
+        images, labels = source.images, source.labels
+        if device.type == "cuda":
+            images, labels = images.to(device), labels.to(device)
+            idx = idx.to(device)
+        for i in range(start, n_batches):
+            j = idx[i * batch_size: (i + 1) * batch_size]
+            yield finish(images[j], labels[j], i, [])
+        return
+
+    subset = [source.samples[k] for k in idx[start * batch_size: n_batches * batch_size].tolist()]
+    files = _Files(subset, _file_transform(preprocess, train, augment))
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    loader = torch.utils.data.DataLoader(
+        files, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
+        pin_memory=device.type == "cuda", generator=generator,
+    )
+    for i, (x, y, bad) in enumerate(loader, start=start):
+        if x is None:
+            continue
+        yield finish(x, y, i, bad)

@@ -1,0 +1,115 @@
+"""Layers as (init, apply) pairs of pure functions.
+
+Every ``*_init`` takes shapes and a ``torch.Generator`` and returns a dict of tensors; every ``*_apply`` takes
+that dict and an activation and returns a new activation. Nothing is mutated: BatchNorm returns its new running
+statistics instead of writing them. Weight layouts are named with einops so they read like the paper:
+
+    conv       (o, i, kh, kw)   a full convolution (the stem, or every block in the Table 4 ablation)
+    depthwise  (c, kh, kw)      one 3x3 filter per channel, applied with groups=c
+    pointwise  (o, i)           a 1x1 convolution, i.e. a matrix over channels
+    linear     (o, i) + (o,)    the classifier
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+Tree = dict[str, torch.Tensor]
+
+
+def _kaiming_normal(shape: tuple[int, ...], fan_out: int, generator: torch.Generator | None) -> torch.Tensor:
+    # He et al. 2015, fan-out mode: what torchvision and timm use for convolutions followed by ReLU.
+    return torch.randn(shape, generator=generator) * math.sqrt(2.0 / fan_out)
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow 'SAME' padding of one spatial axis: (before, after), the extra pixel going after."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _pad(x: torch.Tensor, kernel: int, stride: int, padding: str) -> tuple[torch.Tensor, int]:
+    """Returns the input to convolve and the symmetric padding to pass to ``F.conv2d``."""
+    if padding == "torch" or kernel == 1:
+        return x, kernel // 2
+    top, bottom = same_padding(x.shape[-2], kernel, stride)
+    left, right = same_padding(x.shape[-1], kernel, stride)
+    if top == bottom and left == right and top == left:
+        return x, top
+    return F.pad(x, (left, right, top, bottom)), 0
+
+
+def conv_init(in_ch: int, out_ch: int, kernel: int, generator: torch.Generator | None = None) -> Tree:
+    return {"weight": _kaiming_normal((out_ch, in_ch, kernel, kernel), out_ch * kernel * kernel, generator)}
+
+
+def conv_apply(params: Tree, x: torch.Tensor, *, stride: int = 1, padding: str = "torch") -> torch.Tensor:
+    """(N, i, H, W) -> (N, o, H/stride, W/stride)."""
+    weight = params["weight"]
+    x, pad = _pad(x, weight.shape[-1], stride, padding)
+    return F.conv2d(x, weight, stride=stride, padding=pad)
+
+
+def depthwise_init(channels: int, kernel: int = 3, generator: torch.Generator | None = None) -> Tree:
+    return {"weight": _kaiming_normal((channels, kernel, kernel), kernel * kernel, generator)}
+
+
+def depthwise_apply(params: Tree, x: torch.Tensor, *, stride: int = 1, padding: str = "torch") -> torch.Tensor:
+    """(N, c, H, W) -> (N, c, H/stride, W/stride), each channel filtered by its own kernel."""
+    weight = rearrange(params["weight"], "c kh kw -> c 1 kh kw")
+    x, pad = _pad(x, weight.shape[-1], stride, padding)
+    return F.conv2d(x, weight, stride=stride, padding=pad, groups=weight.shape[0])
+
+
+def pointwise_init(in_ch: int, out_ch: int, generator: torch.Generator | None = None) -> Tree:
+    return {"weight": _kaiming_normal((out_ch, in_ch), out_ch, generator)}
+
+
+def pointwise_apply(params: Tree, x: torch.Tensor) -> torch.Tensor:
+    """(N, i, H, W) -> (N, o, H, W)."""
+    return F.conv2d(x, rearrange(params["weight"], "o i -> o i 1 1"))
+
+
+def batchnorm_init(channels: int) -> tuple[Tree, Tree]:
+    """Returns (params, state): the learned scale and shift, and the running statistics."""
+    params = {"weight": torch.ones(channels), "bias": torch.zeros(channels)}
+    state = {"mean": torch.zeros(channels), "var": torch.ones(channels)}
+    return params, state
+
+
+def batchnorm_apply(
+    params: Tree, state: Tree, x: torch.Tensor, *, train: bool, momentum: float, eps: float
+) -> tuple[torch.Tensor, Tree]:
+    """Normalises (N, C, H, W) per channel; returns the output and the new running statistics.
+
+    PyTorch's conventions: in training the batch statistics normalise, ``momentum`` weights the new batch in the
+    running mean/var, and the running variance is the unbiased one. In eval the running statistics normalise
+    and the state comes back unchanged.
+    """
+    if not train:
+        y = F.batch_norm(x, state["mean"], state["var"], params["weight"], params["bias"], False, 0.0, eps)
+        return y, state
+    # Fresh copies for the fused kernel to update, so the caller's state is never written.
+    mean, var = state["mean"].clone(), state["var"].clone()
+    y = F.batch_norm(x, mean, var, params["weight"], params["bias"], True, momentum, eps)
+    return y, {"mean": mean, "var": var}
+
+
+def linear_init(in_features: int, out_features: int, generator: torch.Generator | None = None) -> Tree:
+    # torch.nn.Linear's default: uniform in +-1/sqrt(fan_in) for the weight, zero bias as in timm.
+    bound = 1.0 / math.sqrt(in_features)
+    weight = (torch.rand((out_features, in_features), generator=generator) * 2 - 1) * bound
+    return {"weight": weight, "bias": torch.zeros(out_features)}
+
+
+def linear_apply(params: Tree, x: torch.Tensor) -> torch.Tensor:
+    """(N, i) -> (N, o)."""
+    return F.linear(x, params["weight"], params["bias"])
+
+
+ACTIVATIONS = {"relu": F.relu, "relu6": F.relu6}

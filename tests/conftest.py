@@ -1,0 +1,25 @@
+import pytest
+import torch
+
+from mobilenet_fn import Config
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def randomize_batchnorm(module: torch.nn.Module, generator: torch.Generator | None = None) -> None:
+    """Gives every BatchNorm of an nn.Module non-trivial affine parameters and running statistics."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5, generator=generator)
+                m.bias.uniform_(-0.2, 0.2, generator=generator)
+                m.running_mean.uniform_(-0.5, 0.5, generator=generator)
+                m.running_var.uniform_(0.5, 2.0, generator=generator)
+
+
+@pytest.fixture
+def small_cfg() -> Config:
+    return Config(alpha=0.25, resolution=32, num_classes=10)

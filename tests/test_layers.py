@@ -1,0 +1,77 @@
+"""Each layer against the torch.nn layer it stands for."""
+
+import pytest
+import torch
+from torch import nn
+
+from mobilenet_fn import layers
+
+
+def test_depthwise_matches_grouped_conv2d():
+    ref = nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16, bias=False)
+    params = {"weight": ref.weight.detach()[:, 0].clone()}
+    x = torch.randn(2, 16, 15, 15)
+    torch.testing.assert_close(layers.depthwise_apply(params, x, stride=2), ref(x), atol=1e-6, rtol=1e-5)
+
+
+def test_pointwise_matches_1x1_conv2d():
+    ref = nn.Conv2d(16, 24, 1, bias=False)
+    params = {"weight": ref.weight.detach()[:, :, 0, 0].clone()}
+    x = torch.randn(2, 16, 7, 9)
+    torch.testing.assert_close(layers.pointwise_apply(params, x), ref(x), atol=1e-6, rtol=1e-5)
+
+
+def test_conv_matches_conv2d():
+    ref = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
+    params = {"weight": ref.weight.detach().clone()}
+    x = torch.randn(2, 3, 17, 16)
+    torch.testing.assert_close(layers.conv_apply(params, x, stride=2), ref(x), atol=1e-6, rtol=1e-5)
+
+
+def test_linear_matches_linear():
+    ref = nn.Linear(12, 5)
+    params = {"weight": ref.weight.detach().clone(), "bias": ref.bias.detach().clone()}
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(layers.linear_apply(params, x), ref(x))
+
+
+@pytest.mark.parametrize("size,stride,expected", [(224, 2, (0, 1)), (25, 2, (1, 1)), (7, 1, (1, 1)), (200, 2, (0, 1))])
+def test_same_padding_is_tensorflows(size, stride, expected):
+    assert layers.same_padding(size, 3, stride) == expected
+
+
+def test_tf_padding_matches_explicit_asymmetric_pad():
+    w = torch.randn(4, 3, 3)
+    x = torch.randn(1, 4, 10, 10)
+    ref = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 1, 0, 1)), w[:, None], stride=2, groups=4)
+    out = layers.depthwise_apply({"weight": w}, x, stride=2, padding="tf")
+    torch.testing.assert_close(out, ref)
+
+
+def test_batchnorm_matches_batchnorm2d_over_several_steps_and_in_eval():
+    ref = nn.BatchNorm2d(6, eps=1e-3, momentum=0.2)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ref.bias.uniform_(-1, 1)
+    params = {"weight": ref.weight.detach().clone(), "bias": ref.bias.detach().clone()}
+    _, state = layers.batchnorm_init(6)
+    for _ in range(4):
+        x = torch.randn(5, 6, 4, 3) * 3 + 1
+        y, state = layers.batchnorm_apply(params, state, x, train=True, momentum=0.2, eps=1e-3)
+        torch.testing.assert_close(y, ref(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state["mean"], ref.running_mean)
+    torch.testing.assert_close(state["var"], ref.running_var)
+    ref.eval()
+    x = torch.randn(5, 6, 4, 3)
+    y, same = layers.batchnorm_apply(params, state, x, train=False, momentum=0.2, eps=1e-3)
+    torch.testing.assert_close(y, ref(x), atol=1e-5, rtol=1e-5)
+    assert same is state
+
+
+def test_batchnorm_does_not_mutate_state():
+    params, state = layers.batchnorm_init(3)
+    before = {k: v.clone() for k, v in state.items()}
+    _, new = layers.batchnorm_apply(params, state, torch.randn(4, 3, 2, 2) + 5, train=True, momentum=0.1, eps=1e-5)
+    for k in state:
+        torch.testing.assert_close(state[k], before[k], rtol=0, atol=0)
+        assert not torch.equal(new[k], before[k])

@@ -1,0 +1,161 @@
+"""The whole model: against timm with the same weights, purity, and the torch.func transforms."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten, tree_map
+
+from conftest import randomize_batchnorm
+from mobilenet_fn import Config, apply, features, init
+from mobilenet_fn.convert import from_timm
+
+timm = pytest.importorskip("timm")
+
+
+def _timm_pair(size: int = 64):
+    torch.manual_seed(1)
+    model = timm.create_model("mobilenetv1_100", act_layer="relu6", num_classes=1000)
+    randomize_batchnorm(model)
+    params, state = from_timm(model.state_dict())
+    return model, Config(activation="relu6"), params, state, torch.randn(3, 3, size, size)
+
+
+def _assert_trees_close(a, b, **kw):
+    la, sa = tree_flatten(a)
+    lb, sb = tree_flatten(b)
+    assert sa == sb
+    for x, y in zip(la, lb):
+        torch.testing.assert_close(x, y, **kw)
+
+
+def test_eval_logits_match_timm():
+    model, cfg, params, state, x = _timm_pair()
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    out, new_state = apply(cfg, params, state, x, train=False)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert new_state is state
+
+
+def test_train_logits_and_running_statistics_match_timm():
+    model, cfg, params, state, x = _timm_pair()
+    model.train()
+    with torch.no_grad():
+        ref = model(x)
+    out, new_state = apply(cfg, params, state, x, train=True)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    _, ref_state = from_timm(model.state_dict())
+    _assert_trees_close(new_state, ref_state, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_match_timm_autograd():
+    model, cfg, params, state, x = _timm_pair()
+    y = torch.tensor([1, 5, 999])
+    model.train()
+    F.cross_entropy(model(x), y).backward()
+    ref_grads, _ = from_timm({k: (p.grad if p.grad is not None else torch.zeros_like(p))
+                             for k, p in model.named_parameters()} | {k: b for k, b in model.named_buffers()})
+
+    def loss(p):
+        logits, _ = apply(cfg, p, state, x, train=True)
+        return F.cross_entropy(logits, y)
+
+    grads = torch.func.grad(loss)(params)
+    _assert_trees_close(grads, ref_grads, atol=1e-4, rtol=1e-3)
+
+
+def test_apply_is_pure():
+    cfg = Config(alpha=0.25, num_classes=7, dropout=0.2)
+    params, state = init(cfg, torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, 40, 40)
+    snapshot = tree_map(torch.clone, (params, state, x))
+    _, new_state = apply(cfg, params, state, x, train=True)
+    _assert_trees_close((params, state, x), snapshot, atol=0, rtol=0)
+    assert not torch.equal(new_state["blocks"][0]["dw_bn"]["mean"], state["blocks"][0]["dw_bn"]["mean"])
+
+
+def test_init_is_reproducible_with_a_generator():
+    cfg = Config(alpha=0.25, num_classes=5)
+    a, _ = init(cfg, torch.Generator().manual_seed(3))
+    b, _ = init(cfg, torch.Generator().manual_seed(3))
+    c, _ = init(cfg, torch.Generator().manual_seed(4))
+    _assert_trees_close(a, b, atol=0, rtol=0)
+    assert not torch.equal(a["fc"]["weight"], c["fc"]["weight"])
+
+
+def test_per_sample_gradients_with_vmap_equal_a_loop():
+    cfg = Config(alpha=0.25, num_classes=4)
+    params, state = init(cfg)
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 3, 1])
+
+    def loss(p, xi, yi):
+        logits, _ = apply(cfg, p, state, xi[None], train=False)
+        return F.cross_entropy(logits, yi[None])
+
+    batched = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    for i in range(3):
+        single = torch.func.grad(loss)(params, x[i], y[i])
+        _assert_trees_close(tree_map(lambda t: t[i], batched), single, atol=1e-5, rtol=1e-4)
+
+
+def test_compiles_with_fullgraph_and_matches_eager():
+    cfg = Config(alpha=0.25, num_classes=10)
+    params, state = init(cfg)
+    x = torch.randn(2, 3, 32, 32)
+
+    def forward(p, s, x):
+        return apply(cfg, p, s, x, train=True)
+
+    compiled = torch.compile(forward, fullgraph=True, backend="aot_eager")
+    out, new_state = compiled(params, state, x)
+    ref, ref_state = forward(params, state, x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    _assert_trees_close(new_state, ref_state, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("padding", ["torch", "tf"])
+def test_features_are_the_trunk_of_apply(padding):
+    cfg = Config(alpha=0.25, num_classes=6, padding=padding)
+    params, state = init(cfg)
+    x = torch.randn(2, 3, 64, 64)
+    feats = features(cfg, params, state, x)
+    assert list(feats) == ["stride2", "stride4", "stride8", "stride16", "stride32"]
+    assert [f.shape[-1] for f in feats.values()] == [32, 16, 8, 4, 2]
+    pooled = feats["stride32"].mean((2, 3))
+    logits, _ = apply(cfg, params, state, x, train=False)
+    torch.testing.assert_close(pooled @ params["fc"]["weight"].T + params["fc"]["bias"], logits)
+
+
+def test_ablations_change_the_tree():
+    full, _ = init(Config(alpha=0.25, full_conv=True))
+    shallow, _ = init(Config(alpha=0.25, shallow=True))
+    assert len(full["blocks"]) == 13 and full["blocks"][0]["conv"]["weight"].shape == (16, 8, 3, 3)
+    assert len(shallow["blocks"]) == 8
+    x = torch.randn(1, 3, 32, 32)
+    for cfg in (Config(alpha=0.25, full_conv=True), Config(alpha=0.25, shallow=True)):
+        p, s = init(cfg)
+        assert torch.isfinite(apply(cfg, p, s, x, train=False)[0]).all()
+
+
+def test_width_multiplier_has_a_floor_of_8():
+    cfg = Config(alpha=0.1)
+    assert [c for _, _, c in cfg.blocks()][:2] == [8, 12]
+    assert cfg.channels(32) == 8
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"alpha": 0}, "alpha"), ({"alpha": -1}, "alpha"), ({"resolution": 31}, "resolution"),
+    ({"num_classes": 0}, "num_classes"), ({"activation": "gelu"}, "activation"), ({"padding": "same"}, "padding"),
+    ({"dropout": 1.0}, "dropout"),
+])
+def test_bad_config_raises_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Config(**kwargs)
+
+
+def test_small_input_is_a_clear_error():
+    cfg = Config(alpha=0.25)
+    params, state = init(cfg)
+    with pytest.raises(ValueError, match="at least 32"):
+        apply(cfg, params, state, torch.randn(1, 3, 16, 16), train=False)
