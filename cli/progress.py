@@ -1,0 +1,69 @@
+"""Rich progress for training: a bar per epoch (loss, accuracy, img/s, ETA) and a table row per epoch.
+
+When stderr is not a terminal (a log file, CI), plain lines instead of a live display.
+"""
+
+from __future__ import annotations
+
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from mobilenet_fn.train import CheckpointEvent, EpochEvent, StartEvent, StepEvent
+
+from .common import err
+
+COLUMNS = ("epoch", "train loss", "train top-1", "val loss", "val top-1", "val top-5", "lr", "img/s", "time")
+
+
+def _row(m: dict, best: bool) -> list[str]:
+    return [f"{m['epoch']}", f"{m['train_loss']:.4f}", f"{100 * m['train_top1']:.2f}%", f"{m['val_loss']:.4f}",
+            f"{100 * m['val_top1']:.2f}%" + (" *" if best else ""), f"{100 * m['val_top5']:.2f}%", f"{m['lr']:.4g}",
+            f"{m['img_per_s']:.0f}", f"{m['seconds']:.1f}s"]
+
+
+class TrainProgress:
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.live = enabled and err.is_terminal
+        self.progress = Progress(
+            TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TextColumn("loss {task.fields[loss]:.4f}  top-1 {task.fields[top1]:.1%}  {task.fields[ips]:.0f} img/s"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True, disable=not self.live,
+        )
+        self.task = None
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def show(self, event) -> None:
+        if not self.enabled:
+            return
+        if isinstance(event, StartEvent):
+            how = ", ".join(x for x in ("compiled" if event.compiled else "eager",
+                                        "channels-last" if event.channels_last else None, event.amp) if x)
+            err.print(f"Training on {event.device} ({how}): epochs {event.epoch + 1}-{event.epochs}, "
+                      f"{event.batches} steps each")
+            if event.compiled:
+                err.print("Compiling the step (a minute or two on a small CPU)…")
+            if self.live:
+                err.print("  ".join(f"{c:>11}" for c in COLUMNS))
+        elif isinstance(event, StepEvent):
+            if not self.live:
+                return
+            fields = dict(epoch=event.epoch, loss=event.loss, top1=event.top1, ips=event.img_per_s)
+            if self.task is None or self.progress.tasks[0].fields["epoch"] != event.epoch:
+                if self.task is not None:
+                    self.progress.remove_task(self.task)
+                self.task = self.progress.add_task("train", total=event.batches, **fields)
+            self.progress.update(self.task, completed=event.batch, **fields)
+        elif isinstance(event, EpochEvent):
+            cells = _row(event.metrics, event.best)
+            err.print("  ".join(f"{c:>11}" for c in cells) if self.live else
+                      " ".join(f"{k}={v}" for k, v in zip(COLUMNS, cells)), highlight=False, soft_wrap=True)
+            if "test_top1" in event.metrics:
+                err.print(f"Test top-1 of the best epoch ({event.metrics['test_of_epoch']}): "
+                          f"{100 * event.metrics['test_top1']:.2f}%")

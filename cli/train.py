@@ -1,0 +1,180 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import DEVICE, RHO, UserError, err, fail, user_errors
+
+Opt = typer.Option
+
+
+@user_errors
+def train(
+    data: Annotated[str, Opt(help="sample, fashion-mnist, imagenette, or a folder (train/ + val/, or one folder "
+                                  "per class).")] = "sample",
+    alpha: Annotated[Optional[float], Opt("--alpha", "-a", help="Width multiplier α (default 0.5; with --init: "
+                                          "the file's).")] = None,
+    resolution: Annotated[Optional[int], Opt("--resolution", "-r", help="Input size; default per data: 32 for "
+                                             "sample and fashion-mnist, 160 for imagenette, 224 for folders.")] = None,
+    rho: RHO = None,
+    activation: Annotated[Optional[str], Opt(help="relu (the paper's, default) or relu6.")] = None,
+    dropout: Annotated[float, Opt(help="Dropout before the classifier.")] = 0.0,
+    device: DEVICE = "auto",
+    epochs: Annotated[Optional[int], Opt(help="Epochs to train, default 15 (with --resume: the new total).")] = None,
+    batch_size: Annotated[int, Opt("--batch-size", "-b", help="Images per step (per process).")] = 64,
+    lr: Annotated[float, Opt(help="Peak learning rate.")] = 0.1,
+    optimizer: Annotated[str, Opt(help="sgd (Nesterov momentum), rmsprop (the paper's) or adamw.")] = "sgd",
+    schedule: Annotated[str, Opt(help="cosine (with warmup), step or constant.")] = "cosine",
+    warmup_epochs: Annotated[float, Opt(help="Linear warmup length in epochs.")] = 1.0,
+    weight_decay: Annotated[float, Opt(help="On conv, pointwise and classifier weights only (paper §4).")] = 4e-5,
+    label_smoothing: Annotated[float, Opt(help="Label smoothing of the cross-entropy.")] = 0.1,
+    augment: Annotated[str, Opt(help="crop-flip (random resized crop + flip) or none.")] = "crop-flip",
+    compile: Annotated[str, Opt(help="torch.compile the step: auto (on for CUDA, off for CPU), on, off.")] = "auto",
+    channels_last: Annotated[str, Opt(help="Memory format: auto (on), on, off.")] = "auto",
+    amp: Annotated[str, Opt(help="Mixed precision: auto (bf16 on CUDA), bf16, off.")] = "auto",
+    seed: Annotated[int, Opt(help="Seed of the initialisation, data order and augmentation.")] = 0,
+    workers: Annotated[int, Opt(help="DataLoader workers for image folders.")] = 2,
+    val_split: Annotated[float, Opt(help="Validation fraction for a folder without val/.")] = 0.2,
+    out: Annotated[Optional[Path], Opt(help="Run folder (must not exist). Default: runs/<data>-a<α>-r<res>.")] = None,
+    resume: Annotated[Optional[Path], Opt(help="Continue the run in this folder (from its last.ckpt).")] = None,
+    init: Annotated[Optional[Path], Opt("--init", help="Start from a weights .pkl (fine-tuning).")] = None,
+    freeze_backbone: Annotated[bool, Opt(help="With --init: train only the classifier.")] = False,
+):
+    """Train MobileNet v1 on a dataset; writes a run folder with checkpoints, metrics, curves and weights.pkl."""
+    import dataclasses
+
+    import torch
+
+    from mobilenet_fn import data as data_lib
+    from mobilenet_fn.model import Config, resolution_for_rho
+    from mobilenet_fn.train import TrainOptions, Trainer, default_run_dir, write_json
+
+    dev = _device(device)
+    if resume is not None:
+        trainer = _resume(resume, epochs, dev)
+    else:
+        if rho is not None:
+            resolution = resolution_for_rho(rho)
+        opts = TrainOptions(
+            data=data, epochs=epochs or 15, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
+            warmup_epochs=warmup_epochs, weight_decay=weight_decay, label_smoothing=label_smoothing, augment=augment,
+            compile=compile, channels_last=channels_last, amp=amp, seed=seed, workers=workers, val_split=val_split,
+            device=str(dev), freeze_backbone=freeze_backbone, init_weights=str(init) if init else None,
+        )
+        if freeze_backbone and init is None:
+            raise UserError("--freeze-backbone needs --init weights.pkl (a backbone worth keeping)")
+        start = _load_init(init, alpha=alpha, activation=activation) if init else None
+        if start is not None and resolution is None:
+            resolution = start.preprocess["resolution"] if data not in data_lib.DEFAULT_RESOLUTION else None
+        with err.status("Loading data…"):
+            dataset = data_lib.load(data, resolution=resolution, val_split=val_split, seed=seed)
+        base = start.config if start else Config(alpha=alpha or 0.5, activation=activation or "relu")
+        cfg = dataclasses.replace(base, resolution=dataset.preprocess["resolution"],
+                                  num_classes=len(dataset.classes), dropout=dropout)
+        run_dir = out or default_run_dir(data, cfg)
+        if run_dir.exists():
+            raise UserError(f"{run_dir} already exists; continue it with --resume {run_dir}, or pick another --out")
+        trainer = Trainer(cfg, opts, dataset, run_dir, dev)
+        if start is not None:
+            trainer.start_fresh(*_head_for(start, cfg, seed))
+        else:
+            trainer.start_fresh()
+        run_dir.mkdir(parents=True)
+        write_json(run_dir / "config.json", {"model": cfg.to_dict(), "train": dataclasses.asdict(opts),
+                                             "classes": dataset.classes, "preprocess": dataset.preprocess})
+        write_json(run_dir / "split.json", {"data": data, **dataset.split})
+    _run(trainer)
+
+
+def _device(name: str):
+    from .common import pick_device
+
+    return pick_device(name)
+
+
+def _load_init(path: Path, *, alpha: float, activation: str):
+    """The weights to fine-tune from; architecture flags that contradict the file are an error."""
+    from mobilenet_fn.weights import load_weights
+
+    start = load_weights(path)
+    given = {"alpha": alpha, "activation": activation}
+    clashes = [f"--{k} {v} (the file has {getattr(start.config, k)})" for k, v in given.items()
+               if v is not None and v != getattr(start.config, k)]
+    if clashes:
+        raise UserError(f"{path}: the architecture comes from the weights; drop {', '.join(clashes)}")
+    return start
+
+
+def _head_for(start, cfg, seed: int):
+    """Params and state for ``cfg`` from the weights ``start``: the classifier is re-initialised when the number
+    of classes differs."""
+    import torch
+
+    from mobilenet_fn import layers
+
+    params = dict(start.params)
+    if start.config.num_classes != cfg.num_classes:
+        params["fc"] = layers.linear_init(cfg.feature_dim, cfg.num_classes, torch.Generator().manual_seed(seed))
+    return params, start.state
+
+
+def _resume(run_dir: Path, epochs: int, dev):
+    import dataclasses
+
+    from mobilenet_fn import data as data_lib
+    from mobilenet_fn.model import Config
+    from mobilenet_fn.train import TrainOptions, Trainer
+    from mobilenet_fn.weights import load_checkpoint
+
+    ckpt_path = run_dir / "last.ckpt"
+    if not ckpt_path.is_file():
+        raise UserError(f"{run_dir}: no last.ckpt to resume from")
+    ckpt = load_checkpoint(ckpt_path)
+    opts = TrainOptions(**{**ckpt["run"], "device": str(dev)})
+    if epochs is not None:
+        if epochs < ckpt["epoch"]:
+            raise UserError(f"{run_dir} has already trained {ckpt['epoch']} epochs; --epochs must be at least that")
+        opts = dataclasses.replace(opts, epochs=epochs)
+    cfg = Config.from_dict(ckpt["config"])
+    with err.status("Loading data…"):
+        dataset = data_lib.load(opts.data, resolution=cfg.resolution, val_split=opts.val_split, seed=opts.seed)
+    if list(dataset.classes) != list(ckpt["classes"]):
+        raise UserError(f"the data's classes no longer match the run's ({opts.data})")
+    trainer = Trainer(cfg, opts, dataset, run_dir, dev)
+    trainer.restore(ckpt)
+    if trainer.epoch >= opts.epochs:
+        raise UserError(f"{run_dir} has finished its {trainer.epoch} epochs; raise --epochs to train more")
+    return trainer
+
+
+def _run(trainer) -> None:
+    from mobilenet_fn.plots import plot_curves
+    from mobilenet_fn.train import NonFiniteLoss, read_metrics
+
+    from .progress import TrainProgress
+
+    run_dir = trainer.out
+    view = TrainProgress(enabled=trainer.rank == 0)
+    try:
+        with view:
+            for event in trainer.run():
+                view.show(event)
+    except KeyboardInterrupt:
+        if trainer.rank == 0:
+            path = trainer.save("last.ckpt")
+            err.print(f"Interrupted. Saved {path}; continue with: mobilenet-fn train --resume {run_dir}")
+        raise typer.Exit(130)
+    except NonFiniteLoss as e:
+        fail(str(e), code=1)
+    if trainer.rank != 0:
+        return
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    plot_curves(metrics, run_dir / "curves.png")
+    best = trainer.best
+    line = f"Best val top-1 {100 * best['val_top1']:.2f}% (epoch {best['epoch']})"
+    if "test_top1" in metrics[-1]:
+        line += f", test top-1 {100 * metrics[-1]['test_top1']:.2f}%"
+    err.print(f"{line}. Weights: {run_dir / 'weights.pkl'}")
+    err.print(f"Evaluate with: mobilenet-fn eval {run_dir / 'weights.pkl'}")

@@ -1,0 +1,61 @@
+"""Evaluation: top-1, top-5, loss, per-class accuracy and the confusion matrix, BatchNorm in eval mode."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from . import data as data_lib
+from .model import Config, apply
+
+
+def evaluate(
+    cfg: Config, params: dict, state: dict, source, preprocess: dict, *, batch_size: int = 256, device="cpu",
+    channels_last: bool = False, amp_dtype: torch.dtype | None = None, workers: int = 0,
+    shard: tuple[int, int] = (0, 1), reduce=None,
+) -> dict:
+    """Metrics of the model on every item of ``source`` (fractions in [0, 1]).
+
+    Returns {"top1", "top5", "loss", "n", "per_class": [accuracy or None], "confusion": (K, K) long tensor
+    (rows: true class, columns: predicted), "skipped": [unreadable files]}. With ``shard=(rank, world)`` each
+    process sees its share and ``reduce`` (a sum across processes) combines the counts, giving the same result.
+    """
+    k = cfg.num_classes
+    device = torch.device(device)
+    confusion = torch.zeros(k, k, dtype=torch.long, device=device)
+    top5 = torch.zeros((), dtype=torch.long, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    skipped: list[str] = []
+    ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    with torch.no_grad():
+        for batch in data_lib.batches(source, preprocess, batch_size=batch_size, train=False, device=device,
+                                      workers=workers, shard=shard, channels_last=channels_last):
+            skipped += batch.skipped
+            with ctx:
+                logits, _ = apply(cfg, params, state, batch.x, train=False)
+            logits = logits.float()
+            loss_sum += F.cross_entropy(logits, batch.y, reduction="sum").double()
+            top = logits.topk(min(5, k), dim=1).indices
+            top5 += (top == batch.y[:, None]).any(1).sum()
+            confusion += torch.bincount(batch.y * k + top[:, 0], minlength=k * k).view(k, k)
+    if reduce is not None:
+        confusion, top5, loss_sum = reduce(confusion), reduce(top5), reduce(loss_sum)
+    return summarize(confusion.cpu(), top5.item(), loss_sum.item(), skipped)
+
+
+def summarize(confusion: torch.Tensor, top5_correct: int, loss_sum: float, skipped: list[str]) -> dict:
+    n = int(confusion.sum())
+    per_class_n = confusion.sum(1)
+    diag = confusion.diagonal()
+    per_class = [(c / m) if m else None for c, m in zip(diag.tolist(), per_class_n.tolist())]
+    return {
+        "top1": diag.sum().item() / max(n, 1),
+        "top5": top5_correct / max(n, 1),
+        "loss": loss_sum / max(n, 1),
+        "n": n,
+        "per_class": per_class,
+        "confusion": confusion,
+        "skipped": skipped,
+    }

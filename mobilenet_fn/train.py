@@ -1,0 +1,417 @@
+"""Training: the loss, the pure step, and the epoch loop.
+
+    step(params, state, opt_state, batch, lr) -> (params, state, opt_state, metrics)
+
+is built from ``torch.func.grad_and_value`` and an optimizer update, and compiled with ``torch.compile`` where that
+is faster on the device at hand. ``Trainer.run()`` yields events (steps, epoch ends, checkpoints) and prints
+nothing; the CLI turns them into progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.utils._pytree import tree_map
+
+from . import data as data_lib
+from .evaluate import evaluate
+from .model import Config, apply, init
+from .optim import OPTIMIZERS, SCHEDULES, make_optimizer, make_schedule
+
+
+@dataclass
+class TrainOptions:
+    """Everything about a run except the architecture (``Config``) and the data."""
+
+    data: str = "sample"
+    epochs: int = 15
+    batch_size: int = 64
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    schedule: str = "cosine"
+    warmup_epochs: float = 1.0
+    weight_decay: float = 4e-5
+    momentum: float = 0.9
+    label_smoothing: float = 0.1
+    augment: str = "crop-flip"  # or "none"
+    compile: str = "auto"  # auto | on | off
+    channels_last: str = "auto"  # auto | on | off
+    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
+    seed: int = 0
+    workers: int = 2
+    val_split: float = 0.2
+    device: str = "cpu"
+    freeze_backbone: bool = False
+    init_weights: str | None = None
+    sync_bn: bool = False
+
+    def __post_init__(self):
+        problems = []
+        if self.epochs < 1:
+            problems.append(f"--epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 2:
+            problems.append(f"--batch-size must be at least 2 (BatchNorm needs a batch), got {self.batch_size}")
+        if not self.lr > 0:
+            problems.append(f"--lr must be > 0, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.weight_decay < 0:
+            problems.append(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.label_smoothing < 1:
+            problems.append(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.augment not in ("crop-flip", "none"):
+            problems.append(f"--augment must be crop-flip or none, got {self.augment!r}")
+        for name in ("compile", "channels_last"):
+            if getattr(self, name) not in ("auto", "on", "off"):
+                problems.append(f"--{name.replace('_', '-')} must be auto, on or off, got {getattr(self, name)!r}")
+        if self.amp not in ("auto", "bf16", "off"):
+            problems.append(f"--amp must be auto, bf16 or off, got {self.amp!r}")
+        if self.workers < 0:
+            problems.append(f"--workers must be >= 0, got {self.workers}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-device choices. Fixed rules taken from bench/throughput.py, not measured at run time.
+
+
+def use_compile(opts: TrainOptions, device: torch.device) -> bool:
+    # CPU: the compiled step was slower than eager on 2 cores (bench/throughput.py); CUDA: compiled is faster.
+    return opts.compile == "on" or (opts.compile == "auto" and device.type == "cuda")
+
+
+def use_channels_last(opts: TrainOptions, device: torch.device) -> bool:
+    return opts.channels_last == "on" or (opts.channels_last == "auto" and device.type in ("cuda", "cpu"))
+
+
+def autocast_dtype(opts: TrainOptions, device: torch.device) -> torch.dtype | None:
+    if opts.amp == "bf16" or (opts.amp == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The step
+
+
+def make_step(
+    cfg: Config,
+    optimizer,
+    *,
+    label_smoothing: float = 0.0,
+    amp_dtype: torch.dtype | None = None,
+    reduce_grads: Callable | None = None,
+):
+    """The pure training step for ``cfg`` and ``optimizer``.
+
+    ``reduce_grads`` (distributed) averages the gradient tree across processes.
+    """
+
+    def loss_fn(params, state, x, y):
+        ctx = torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+        with ctx:
+            logits, new_state = apply(cfg, params, state, x, train=True)
+        logits = logits.float()
+        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        return loss, (new_state, logits)
+
+    def step(params, state, opt_state, batch, lr):
+        x, y = batch
+        grads, (loss, (new_state, logits)) = torch.func.grad_and_value(loss_fn, has_aux=True)(params, state, x, y)
+        if reduce_grads is not None:
+            grads = reduce_grads(grads)
+        params, opt_state = optimizer.update(grads, opt_state, params, lr)
+        correct = (logits.argmax(1) == y).sum()
+        return params, new_state, opt_state, {"loss": loss.detach(), "correct": correct}
+
+    return step
+
+
+def to_device(tree, device, channels_last: bool = False):
+    """Moves a tree of tensors; 4-d tensors (full conv weights) go channels-last when asked."""
+
+    def move(t):
+        t = t.to(device)
+        return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+
+    return tree_map(move, tree)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class StepEvent:
+    epoch: int
+    batch: int  # index within the epoch, 1-based
+    batches: int
+    loss: float
+    top1: float
+    img_per_s: float
+    lr: float
+
+
+@dataclass
+class EpochEvent:
+    metrics: dict
+    best: bool
+
+
+@dataclass
+class CheckpointEvent:
+    path: Path
+
+
+@dataclass
+class StartEvent:
+    epoch: int
+    epochs: int
+    batches: int
+    device: str
+    compiled: bool
+    channels_last: bool
+    amp: str | None
+    skipped_files: int = 0
+
+
+@dataclass
+class Trainer:
+    cfg: Config
+    opts: TrainOptions
+    dataset: data_lib.Dataset
+    out: Path
+    device: torch.device
+    params: dict = field(default=None)
+    state: dict = field(default=None)
+    opt_state: dict = field(default=None)
+    epoch: int = 0  # completed epochs
+    batch_in_epoch: int = 0  # completed batches of the current epoch
+    global_step: int = 0
+    best: dict | None = None
+    rank: int = 0
+    world: int = 1
+    reduce_grads: Callable | None = None
+
+    def __post_init__(self):
+        self.channels_last = use_channels_last(self.opts, self.device)
+        self.amp = autocast_dtype(self.opts, self.device)
+        self.compiled = use_compile(self.opts, self.device)
+        self.optimizer = make_optimizer(self.opts.optimizer, weight_decay=self.opts.weight_decay,
+                                        momentum=self.opts.momentum)
+        n_train = len(self.dataset.train) // self.world
+        self.batches = n_train // self.opts.batch_size
+        if self.batches < 1:
+            raise ValueError(f"--batch-size {self.opts.batch_size} is larger than the training set "
+                             f"({len(self.dataset.train)} images); use a smaller one")
+        total = self.batches * self.opts.epochs
+        self.schedule = make_schedule(self.opts.schedule, self.opts.lr, total,
+                                      warmup_steps=round(self.opts.warmup_epochs * self.batches))
+        self.skipped: set[str] = set(self.dataset.skipped)
+
+    # -- state ---------------------------------------------------------------------------------------------
+    def start_fresh(self, params=None, state=None):
+        if params is None:
+            params, state = init(self.cfg, torch.Generator().manual_seed(self.opts.seed))
+        self.params = to_device(params, self.device)
+        self.state = to_device(state, self.device)
+        self.opt_state = self.optimizer.init(self.params)
+
+    def checkpoint(self) -> dict:
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "format": "mobilenet-fn-checkpoint/1",
+            "config": self.cfg.to_dict(),
+            "params": to_device(self.params, "cpu"),
+            "state": to_device(self.state, "cpu"),
+            "opt_state": to_device(self.opt_state, "cpu"),
+            "classes": list(self.dataset.classes),
+            "preprocess": self.dataset.preprocess,
+            "data": self.dataset.split,
+            "metrics": dict(self.best or {}),
+            "epoch": self.epoch,
+            "step": self.global_step,
+            "batch_in_epoch": self.batch_in_epoch,
+            "rng": rng,
+            "run": asdict(self.opts),
+        }
+
+    def restore(self, ckpt: dict) -> None:
+        self.params = to_device(ckpt["params"], self.device)
+        self.state = to_device(ckpt["state"], self.device)
+        self.opt_state = to_device(ckpt["opt_state"], self.device)
+        self.epoch, self.global_step = ckpt["epoch"], ckpt["step"]
+        self.batch_in_epoch = ckpt["batch_in_epoch"]
+        self.best = ckpt["metrics"] or None
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if self.device.type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+
+    def save(self, name: str) -> Path:
+        from .weights import save_checkpoint
+
+        path = self.out / name
+        save_checkpoint(path, self.checkpoint())
+        return path
+
+    # -- loop ----------------------------------------------------------------------------------------------
+    def build_step(self):
+        step = make_step(self.cfg, self.optimizer, label_smoothing=self.opts.label_smoothing, amp_dtype=self.amp,
+                         reduce_grads=self.reduce_grads)
+        if self.compiled:
+            step = torch.compile(step, fullgraph=True)
+        return step
+
+    def run(self) -> Iterator:
+        """Trains from ``self.epoch``/``self.batch_in_epoch`` to ``opts.epochs``, yielding events."""
+        step = self.build_step()
+        opts = self.opts
+        yield StartEvent(self.epoch, opts.epochs, self.batches, str(self.device), self.compiled,
+                         self.channels_last, str(self.amp).replace("torch.", "") if self.amp else None,
+                         len(self.skipped))
+        while self.epoch < opts.epochs:
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=self.device)
+            correct = torch.zeros((), dtype=torch.long, device=self.device)
+            seen = 0
+            last_report = t0
+            batches = data_lib.batches(
+                self.dataset.train, self.dataset.preprocess, batch_size=opts.batch_size, train=True,
+                augment=opts.augment != "none", device=self.device, seed=opts.seed, epoch=self.epoch,
+                start=self.batch_in_epoch, workers=opts.workers, shard=(self.rank, self.world),
+                channels_last=self.channels_last,
+            )
+            for batch in batches:
+                self.skipped.update(batch.skipped)
+                if len(batch.y) != opts.batch_size:
+                    continue  # an unreadable file shortened this batch: keep one shape for the compiled step
+                lr = self.schedule(self.global_step)
+                out = step(self.params, self.state, self.opt_state, (batch.x, batch.y),
+                           torch.tensor(lr, device=self.device))
+                self.params, self.state, self.opt_state, metrics = out
+                self.batch_in_epoch += 1
+                self.global_step += 1
+                loss_sum += metrics["loss"]
+                correct += metrics["correct"]
+                seen += len(batch.y)
+                now = time.perf_counter()
+                if now - last_report > 0.5 or self.batch_in_epoch == self.batches:
+                    last_report = now
+                    mean_loss = loss_sum.item() / max(1, seen // opts.batch_size)
+                    if not math.isfinite(mean_loss):
+                        raise NonFiniteLoss(self.epoch + 1, self.batch_in_epoch)
+                    yield StepEvent(self.epoch + 1, self.batch_in_epoch, self.batches, mean_loss,
+                                    correct.item() / max(1, seen), seen / (now - t0), lr)
+            train_seconds = time.perf_counter() - t0
+            n_steps = max(1, seen // opts.batch_size)
+            train_loss = loss_sum.item() / n_steps
+            if not math.isfinite(train_loss):
+                raise NonFiniteLoss(self.epoch + 1, self.batch_in_epoch)
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            val = self.validate(self.dataset.val)
+            metrics = {
+                "epoch": self.epoch,
+                "train_loss": train_loss,
+                "train_top1": correct.item() / max(1, seen),
+                "val_loss": val["loss"],
+                "val_top1": val["top1"],
+                "val_top5": val["top5"],
+                "lr": self.schedule(self.global_step - 1),
+                "img_per_s": seen * self.world / max(train_seconds, 1e-9),
+                "seconds": time.perf_counter() - t0,
+                "step": self.global_step,
+            }
+            improved = self.best is None or (val["top1"], -val["loss"]) > (self.best["val_top1"], -self.best["val_loss"])
+            if improved:
+                self.best = dict(metrics)
+            if self.rank == 0:
+                if improved:
+                    yield CheckpointEvent(self.save("best.ckpt"))
+                    self.write_weights()
+                yield CheckpointEvent(self.save("last.ckpt"))
+            if self.epoch == opts.epochs and self.dataset.test is not None:
+                metrics.update(self.test_best())
+            if self.rank == 0:
+                self.append_metrics(metrics)
+            yield EpochEvent(metrics, improved)
+
+    def validate(self, source) -> dict:
+        return evaluate(self.cfg, self.params, self.state, source, self.dataset.preprocess,
+                        batch_size=max(self.opts.batch_size, 128), device=self.device,
+                        channels_last=self.channels_last, amp_dtype=self.amp, workers=self.opts.workers,
+                        shard=(self.rank, self.world))
+
+    def test_best(self) -> dict:
+        """Test-set metrics of the best epoch's weights (the test set never picks the epoch)."""
+        from .weights import load_checkpoint
+
+        best = load_checkpoint(self.out / "best.ckpt") if (self.out / "best.ckpt").exists() else None
+        params = to_device(best["params"], self.device) if best else self.params
+        state = to_device(best["state"], self.device) if best else self.state
+        result = evaluate(self.cfg, params, state, self.dataset.test, self.dataset.preprocess,
+                          batch_size=max(self.opts.batch_size, 128), device=self.device,
+                          channels_last=self.channels_last, amp_dtype=self.amp, shard=(self.rank, self.world))
+        return {"test_top1": result["top1"], "test_top5": result["top5"], "test_loss": result["loss"],
+                "test_of_epoch": self.best["epoch"]}
+
+    def write_weights(self) -> None:
+        from .weights import Weights, save_weights
+
+        metrics = {k: v for k, v in (self.best or {}).items()}
+        save_weights(self.out / "weights.pkl", Weights(
+            self.cfg, to_device(self.params, "cpu"), to_device(self.state, "cpu"), list(self.dataset.classes),
+            self.dataset.preprocess, self.dataset.split, metrics))
+
+    def append_metrics(self, metrics: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, epoch: int, batch: int):
+        super().__init__(f"the loss became NaN or infinite (epoch {epoch}, batch {batch}); lower --lr or check "
+                         f"the data. The last good checkpoint is kept.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run folders
+
+
+def default_run_dir(data: str, cfg: Config, root: Path = Path("runs")) -> Path:
+    """runs/<data>-a<alpha>-r<resolution>, with -2, -3, ... when taken."""
+    name = Path(data).name if data not in data_lib.DEFAULT_RESOLUTION else data
+    base = root / f"{name}-a{cfg.alpha:g}-r{cfg.resolution}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
