@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from .convert import convert
+from .predict import predict
 from .summary import summary
 
 app = typer.Typer(
@@ -34,6 +36,8 @@ def main(
 
 
 app.command()(summary)
+app.command()(convert)
+app.command()(predict)
 
 
 def run() -> None:

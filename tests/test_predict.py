@@ -1,0 +1,90 @@
+"""`predict`: probabilities against the model applied by hand to the same pixels, folders, bad images."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from mobilenet_fn import Config, apply, save_weights
+from mobilenet_fn.cli.main import app
+from mobilenet_fn.data import preprocess_for
+from test_weights import make_weights, one_line_error
+
+runner = CliRunner()
+STATS = {"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]}
+
+
+@pytest.fixture
+def weights(tmp_path):
+    # crop_pct 1: the short side is resized to exactly the resolution, so a 32-px-high image is only cropped.
+    w = make_weights(Config(alpha=0.25, resolution=32, num_classes=6), seed=5)
+    w = w._replace(preprocess=preprocess_for(32, crop_pct=1.0, stats=STATS), classes=list("abcdef"))
+    save_weights(tmp_path / "w.pkl", w)
+    return w
+
+
+def save_image(path, pixels: torch.Tensor) -> None:
+    """(H, W, 3) uint8 -> a PNG."""
+    Image.fromarray(pixels.numpy()).save(path)
+
+
+def expected_probs(w, pixels: torch.Tensor) -> torch.Tensor:
+    """The model on an image that needs no resizing: crop the centre, scale to [0, 1], normalise, apply."""
+    h, w_ = pixels.shape[:2]
+    top, left = (h - 32) // 2, (w_ - 32) // 2
+    x = pixels[top: top + 32, left: left + 32].permute(2, 0, 1).float() / 255
+    x = (x - torch.tensor(STATS["mean"]).view(3, 1, 1)) / torch.tensor(STATS["std"]).view(3, 1, 1)
+    return apply(w.config, w.params, w.state, x[None], train=False)[0].softmax(-1)[0]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_json_probabilities_match_the_model(tmp_path, weights):
+    g = torch.Generator().manual_seed(0)
+    square = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=g)
+    wide = torch.randint(0, 256, (32, 48, 3), dtype=torch.uint8, generator=g)
+    save_image(tmp_path / "square.png", square)
+    save_image(tmp_path / "wide.png", wide)
+    result = invoke("predict", tmp_path / "w.pkl", tmp_path / "square.png", tmp_path / "wide.png", "--top", "3",
+                    "--json", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert [p["path"] for p in out["predictions"]] == [str(tmp_path / "square.png"), str(tmp_path / "wide.png")]
+    for pred, pixels in zip(out["predictions"], (square, wide)):
+        probs = expected_probs(weights, pixels)
+        values, indices = probs.topk(3)
+        assert [t["index"] for t in pred["top"]] == indices.tolist()
+        assert [t["class"] for t in pred["top"]] == [weights.classes[i] for i in indices.tolist()]
+        torch.testing.assert_close(torch.tensor([t["prob"] for t in pred["top"]]), values, atol=1e-5, rtol=1e-5)
+    assert out["skipped"] == []
+
+
+def test_folder_walk_table_and_unreadable_images(tmp_path, weights):
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    save_image(folder / "a.png", torch.full((40, 60, 3), 200, dtype=torch.uint8))
+    Image.new("L", (50, 50), 90).save(folder / "sub" / "gray.jpg")  # grayscale is read as RGB
+    (folder / "broken.jpg").write_text("not an image")
+    (folder / "notes.txt").write_text("ignored: not an image extension")
+    result = invoke("predict", tmp_path / "w.pkl", folder, "--top", "10")
+    assert result.exit_code == 0, result.output
+    assert str(folder / "a.png") in result.output and str(folder / "sub" / "gray.jpg") in result.output
+    assert "Skipped" in result.output and "broken.jpg" in result.output and "notes.txt" not in result.output
+    assert result.output.count("│ 6 │") == 2  # --top 10 shows the 6 classes there are, per image
+
+    result = invoke("predict", tmp_path / "w.pkl", folder, "--json")
+    out = json.loads(result.stdout)
+    assert len(out["predictions"]) == 2 and len(out["predictions"][0]["top"]) == 5
+    assert [s["path"] for s in out["skipped"]] == [str(folder / "broken.jpg")]
+
+
+def test_nothing_readable_and_missing_paths_are_one_line(tmp_path, weights):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG garbage")
+    result = invoke("predict", tmp_path / "w.pkl", tmp_path / "broken.png")
+    assert result.exit_code == 2 and "no readable images" in result.output and "Traceback" not in result.output
+    one_line_error(invoke("predict", tmp_path / "w.pkl", tmp_path / "missing.jpg"), "no such file or folder")
+    one_line_error(invoke("predict", tmp_path / "w.pkl", tmp_path / "broken.png", "--device", "cuda:7"), "cuda")
