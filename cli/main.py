@@ -8,6 +8,7 @@ import typer
 
 from .convert import convert
 from .predict import predict
+from .resize import resize
 from .summary import summary
 
 app = typer.Typer(
@@ -35,6 +36,7 @@ def main(
     """MobileNet v1 (Howard et al. 2017) as a pure function of a parameter tree."""
 
 
+app.command()(resize)
 app.command()(summary)
 app.command()(convert)
 app.command()(predict)
