@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from .convert import convert
+from .export import export
 from .predict import predict
 from .resize import resize
 from .summary import summary
@@ -40,6 +41,7 @@ app.command()(resize)
 app.command()(summary)
 app.command()(convert)
 app.command()(predict)
+app.command()(export)
 
 
 def run() -> None:
