@@ -47,7 +47,8 @@ def _problems_table(report: dict):
 
 @user_errors
 def resize(
-    src: Annotated[Path, typer.Argument(help="Folder of images, usually one subfolder per class.", show_default=False)],
+    src: Annotated[Path, typer.Argument(metavar="SRC", show_default=False,
+                                         help="Folder of images, usually one subfolder per class.")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder, mirroring SRC's tree. "
                                              "Default: beside SRC, named by size (data/raw → data/raw-224).",
                                              show_default=False)] = None,
@@ -67,12 +68,13 @@ def resize(
                                            "once the copy is complete. Your originals are gone afterwards.")] = False,
     json: JSON = False,
 ):
-    """Resize a folder of class folders for training, into a new folder: your originals are never touched.
+    """Resize a folder of class folders for training into a new folder, leaving your originals as they are.
 
     Every image is resized to --size × --size (crop, pad or stretch), turned upright by its EXIF orientation and
     saved as 8-bit RGB. Unreadable, truncated, empty and oversized files are skipped and listed in a table and
     in OUT/resize-report.json. Each output is written whole or not at all, and a rerun skips what is done with
     the same settings, so an interrupted run simply continues. Exit status 0 even when files were skipped.
+    Only --in-place writes into SRC, replacing each original once its resized copy is complete.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
