@@ -9,9 +9,7 @@ packages (safetensors, huggingface_hub, onnx, onnxscript, onnxruntime) are impor
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,8 +20,8 @@ from . import layers
 from .data import preprocess_for
 from .model import STEM, Config, apply, init
 from .weights import (
-    CHECKPOINT_FORMAT, FORMAT, Weights, WeightsError, checkpoint_from_dict, read_torch_file, tree_problem,
-    weights_from_checkpoint, weights_from_dict,
+    CHECKPOINT_FORMAT, FORMAT, Weights, WeightsError, atomic_write, checkpoint_from_dict, read_torch_file,
+    tree_problem, weights_from_checkpoint, weights_from_dict,
 )
 
 KINDS = ("auto", "checkpoint", "timm", "hf")
@@ -466,25 +464,21 @@ def export_onnx(weights: Weights, path: str | Path, fold_bn: bool = False, opset
     above 1e-4). The file appears atomically: a temporary file beside ``path``, then a rename."""
     _require("onnxscript", "exporting ONNX")
     _require("onnx", "exporting ONNX")
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"{path.parent}: no such folder")
     cfg = weights.config
     module = InferenceModule(weights, fold_bn).eval()
     example = torch.zeros(2, cfg.in_channels, cfg.resolution, cfg.resolution)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".onnx", dir=path.parent)
-    os.close(fd)
-    try:
+    diff = None
+
+    def write(tmp: str) -> None:
+        nonlocal diff
         torch.onnx.export(module, (example,), tmp, dynamo=True, input_names=["image"], output_names=["logits"],
                           dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, opset_version=opset,
                           external_data=False, verbose=False)
         diff = check_onnx(weights, tmp) if check else None
         if diff is not None and diff > ONNX_TOLERANCE:
             raise ExportError(f"{path}: not written: onnxruntime's logits differ from apply's by {diff:.2e}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    atomic_write(path, write, suffix=".onnx")
     return diff
 
 

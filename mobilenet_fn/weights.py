@@ -15,10 +15,10 @@ from __future__ import annotations
 import io
 import os
 import pickletools
-import tempfile
+import secrets
 import zipfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch.utils._pytree import keystr, tree_flatten_with_path, tree_map
@@ -50,26 +50,46 @@ class Weights(NamedTuple):
 # Writing
 
 
-def atomic_save(obj, path: str | Path, *, overwrite: bool = True) -> None:
-    """``torch.save(obj)`` to a temporary file beside ``path``, flushed to disk, then renamed onto ``path``: a
-    crash leaves either the old file or the new one, never half of one. With ``overwrite=False`` an existing
-    ``path`` is a ``FileExistsError`` and is left alone."""
+def atomic_write(path: str | Path, write: Callable[[str], object], *, overwrite: bool = True,
+                 suffix: str = ".tmp") -> None:
+    """Calls ``write(tmp)`` to fill a new temporary file beside ``path``, flushes it to disk, then renames it onto
+    ``path``: a crash or an exception leaves either the old file or the new one, never half of one, and no
+    temporary file. With ``overwrite=False`` an existing ``path`` is a ``FileExistsError`` and is left alone."""
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path.parent}: no such folder")
     if not overwrite and path.exists():
         raise FileExistsError(f"{path}: already exists")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = _new_file_beside(path, suffix)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         _publish(tmp, path, overwrite)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     _fsync_dir(path.parent)
+
+
+def atomic_save(obj, path: str | Path, *, overwrite: bool = True) -> None:
+    """``torch.save(obj, path)`` through ``atomic_write``."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), overwrite=overwrite)
+
+
+def _new_file_beside(path: Path, suffix: str) -> str:
+    """Creates an empty, hidden, uniquely named file in ``path``'s folder. Made with ``os.open(..., 0o666)`` so the
+    umask applies as for any file the user writes (``mkstemp`` would leave the result readable by its owner only)."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}{suffix}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return str(tmp)
+        except FileExistsError:
+            continue
 
 
 def _publish(tmp: str, path: Path, overwrite: bool) -> None:

@@ -73,6 +73,9 @@ def test_save_leaves_no_temporary_file_and_respects_overwrite(tmp_path):
     save_weights(path, make_weights(seed=1))
     assert path.read_bytes() != before
     assert os.listdir(tmp_path) == ["w.pkl"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as any file the user writes, not mkstemp's 0600
 
 
 def test_a_crash_while_writing_keeps_the_old_file(tmp_path, monkeypatch):
@@ -81,7 +84,8 @@ def test_a_crash_while_writing_keeps_the_old_file(tmp_path, monkeypatch):
     before = path.read_bytes()
 
     def crash(obj, f):
-        f.write(b"half a file")
+        with open(f, "wb") as out:
+            out.write(b"half a file")
         raise KeyboardInterrupt
 
     monkeypatch.setattr("mobilenet_fn.weights.torch.save", crash)
