@@ -76,7 +76,8 @@ def resize(
     the same settings, so an interrupted run simply continues. Exit status 0 even when files were skipped.
     Only --in-place writes into SRC, replacing each original once its resized copy is complete.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     from mobilenet_fn.resize import Settings, finish, plan, run
 

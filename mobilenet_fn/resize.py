@@ -346,7 +346,7 @@ def process(task: Task, settings: Settings, overwrite: bool, in_place: bool) -> 
     if found is None:
         try:
             image = resize_image(task.source, settings)
-        except Exception as e:  # malformed files raise anything from Pillow's plugins; each is reported, none stops the run
+        except Exception as e:  # a malformed file can raise anything from Pillow's plugins: report it, go on
             return Result(task.rel, "failed", describe_error(e))
         write_atomic(task.output, encode(image, pil_format, settings.quality, stamp))
     if in_place and task.output != task.source and (found is None or found.status == "done"):
