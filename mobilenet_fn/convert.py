@@ -18,10 +18,10 @@ from torch.utils._pytree import keystr, tree_flatten_with_path, tree_unflatten
 
 from . import layers
 from .data import preprocess_for
-from .model import STEM, Config, apply, init
+from .model import STEM, Config, apply
 from .weights import (
     CHECKPOINT_FORMAT, FORMAT, Weights, WeightsError, atomic_write, checkpoint_from_dict, read_torch_file,
-    tree_problem, weights_from_checkpoint, weights_from_dict,
+    trees_problem, weights_from_checkpoint, weights_from_dict,
 )
 
 KINDS = ("auto", "checkpoint", "timm", "hf")
@@ -286,12 +286,9 @@ def _from_file(path: Path, kind: str) -> Weights:
 def _checked(cfg: Config, params: dict, state: dict) -> None:
     """The importer's trees have exactly the shapes the config implies (else a ValueError naming the first
     difference), so a state dict of another width or depth is caught here, not in the first forward pass."""
-    with torch.device("meta"):
-        expected = init(cfg)
-    for name, tree, want in (("params", params, expected[0]), ("state", state, expected[1])):
-        problem = tree_problem(name, tree, want)
-        if problem:
-            raise ValueError(f"does not fit MobileNet v1 alpha={cfg.alpha:g}: {problem}")
+    problem = trees_problem(cfg, params, state)
+    if problem:
+        raise ValueError(f"does not fit MobileNet v1: {problem}")
 
 
 def _from_timm_state(sd: dict) -> Weights:

@@ -176,8 +176,7 @@ def weights_from_dict(obj: dict, path: str | Path) -> Weights:
     problem = _problem(obj)
     if problem:
         raise WeightsError(f"{path}: {problem}")
-    return Weights(Config.from_dict(obj["config"]), obj["params"], obj["state"], list(obj["classes"]),
-                   dict(obj["preprocess"]), obj.get("data"), obj.get("metrics"))
+    return _weights(obj)
 
 
 def checkpoint_from_dict(obj: dict, path: str | Path) -> dict:
@@ -198,8 +197,12 @@ def checkpoint_from_dict(obj: dict, path: str | Path) -> dict:
 
 def weights_from_checkpoint(ckpt: dict) -> Weights:
     """The inference part of a checkpoint (the optimizer state, step counters and RNG states are dropped)."""
-    return Weights(Config.from_dict(ckpt["config"]), ckpt["params"], ckpt["state"], list(ckpt["classes"]),
-                   dict(ckpt["preprocess"]), ckpt.get("data"), ckpt.get("metrics"))
+    return _weights(ckpt)
+
+
+def _weights(obj: dict) -> Weights:
+    return Weights(Config.from_dict(obj["config"]), obj["params"], obj["state"], list(obj["classes"]),
+                   dict(obj["preprocess"]), obj.get("data"), obj.get("metrics"))
 
 
 def _format_problem(found, expected: str) -> str:
@@ -244,11 +247,9 @@ def _problem(obj: dict) -> str | None:
         cfg = Config.from_dict(obj.get("config"))
     except (TypeError, ValueError, AttributeError) as e:
         return f"invalid config: {e}"
-    expected_params, expected_state = _shapes(cfg)
-    for name, expected in (("params", expected_params), ("state", expected_state)):
-        problem = tree_problem(name, obj.get(name), expected)
-        if problem:
-            return f"{problem} (config: {_describe(cfg)})"
+    problem = trees_problem(cfg, obj.get("params"), obj.get("state"))
+    if problem:
+        return problem
     classes = obj.get("classes")
     if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes):
         return "classes must be a list of names"
@@ -268,13 +269,19 @@ def _describe(cfg: Config) -> str:
     return ", ".join([f"alpha={cfg.alpha:g}", f"{cfg.num_classes} classes", *flags])
 
 
-def _shapes(cfg: Config) -> tuple[dict, dict]:
-    """The trees ``init(cfg)`` makes, as meta tensors: their shapes at no cost."""
+def trees_problem(cfg: Config, params, state) -> str | None:
+    """How ``params`` and ``state`` differ from the trees ``init(cfg)`` makes, or None. The reference is made on
+    the meta device: shapes without data, at no cost."""
     with torch.device("meta"):
-        return init(cfg)
+        expected = init(cfg)
+    for name, tree, want in (("params", params, expected[0]), ("state", state, expected[1])):
+        problem = _tree_problem(name, tree, want)
+        if problem:
+            return f"{problem} (config: {_describe(cfg)})"
+    return None
 
 
-def tree_problem(name: str, tree, expected) -> str | None:
+def _tree_problem(name: str, tree, expected) -> str | None:
     """How ``tree`` differs from ``expected`` in structure, shapes or being floating-point tensors, or None."""
     try:
         leaves, _ = tree_flatten_with_path(tree)
