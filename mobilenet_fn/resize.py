@@ -2,7 +2,7 @@
 
     settings = Settings(size=224, resize_to=256, mode="crop")
     job = plan("data/raw", None, settings)        # walks SRC, names the outputs; raises ValueError on bad input
-    results = [r for r in run(job, workers=4)]    # one Result per image, as each finishes
+    results = list(run(job, workers=4))           # one Result per image, in order, for a progress bar
     report = finish(job, results, seconds)        # counts and failures; also written to OUT/resize-report.json
 
 ``resize_image(path, settings)`` is the whole per-image transform as a pure function (path in, RGB image out)
@@ -12,7 +12,8 @@ and ``encode`` turns its result into the bytes of a file.
 size and modification time of its source. A rerun reads only that tag (a header read, no decode) and skips the
 files that are done, so there is no separate manifest that a killed run could leave out of step with the files.
 A changed source gets a new output; a file at an output path that is not stamped, or stamped with other settings,
-is kept unless ``overwrite`` is set. Outputs are written to a hidden temp file beside them and renamed into place.
+is kept unless ``overwrite`` is set. In place, a stamped file is never resized again, even with ``overwrite``:
+its original is gone. Outputs are written to a hidden temp file beside them and renamed into place.
 
 The library prints nothing.
 """

@@ -199,13 +199,14 @@ def raw(tmp_path) -> Path:
     (src / "dog" / "truncated.jpg").write_bytes(noise_jpeg()[:60_000])
     (src / "dog" / "text.jpg").write_text("this is not a picture\n")
     png_declaring(src / "dog" / "bomb.png", 60_000, 60_000)
+    (src / "dog" / "gone.jpg").symlink_to(src / "nowhere.jpg")  # listed, but cannot be read
     (src / "README.txt").write_text("downloaded with some tool\n")
     return src
 
 
 GOOD = {"cat/0.jpg", "cat/1.jpg", "cat/2.jpg", "dog/a.jpg", "dog/b.jpg"}
 BAD = {"dog/empty.jpg": "empty", "dog/truncated.jpg": "truncated", "dog/text.jpg": "not an image",
-       "dog/bomb.png": "decompression bomb"}
+       "dog/bomb.png": "decompression bomb", "dog/gone.jpg": "cannot read"}
 
 
 def test_a_run_leaves_the_originals_byte_identical_and_writes_a_mirror(raw):
