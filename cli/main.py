@@ -6,11 +6,13 @@ from typing import Annotated
 
 import typer
 
+from .resize import resize
 from .convert import convert
 from .export import export
 from .predict import predict
-from .resize import resize
+from .eval import evaluate
 from .summary import summary
+from .train import train
 
 app = typer.Typer(
     help="MobileNet v1 as a pure function: train, evaluate, predict, convert, export, resize, summarise.",
@@ -38,9 +40,11 @@ def main(
 
 
 app.command()(resize)
+app.command()(train)
+app.command("eval")(evaluate)
 app.command()(summary)
-app.command()(convert)
 app.command()(predict)
+app.command()(convert)
 app.command()(export)
 
 

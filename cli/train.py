@@ -58,7 +58,7 @@ def train(
         if rho is not None:
             resolution = resolution_for_rho(rho)
         opts = TrainOptions(
-            data=data, epochs=epochs or 15, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
+            data=data, epochs=15 if epochs is None else epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
             warmup_epochs=warmup_epochs, weight_decay=weight_decay, label_smoothing=label_smoothing, augment=augment,
             compile=compile, channels_last=channels_last, amp=amp, seed=seed, workers=workers, val_split=val_split,
             device=str(dev), freeze_backbone=freeze_backbone, init_weights=str(init) if init else None,
@@ -70,7 +70,7 @@ def train(
             resolution = start.preprocess["resolution"] if data not in data_lib.DEFAULT_RESOLUTION else None
         with err.status("Loading data…"):
             dataset = data_lib.load(data, resolution=resolution, val_split=val_split, seed=seed)
-        base = start.config if start else Config(alpha=alpha or 0.5, activation=activation or "relu")
+        base = start.config if start else Config(alpha=0.5 if alpha is None else alpha, activation=activation or "relu")
         cfg = dataclasses.replace(base, resolution=dataset.preprocess["resolution"],
                                   num_classes=len(dataset.classes), dropout=dropout)
         run_dir = out or default_run_dir(data, cfg)

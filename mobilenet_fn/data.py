@@ -323,6 +323,30 @@ def validation_source(split: dict, classes: list[str]) -> Source:
     raise DataError(f"unknown split kind {kind!r}")
 
 
+def eval_source(data: str, classes: list[str]) -> Source:
+    """What ``eval --data`` measures, labelled in the order of ``classes`` (the weights'): the validation split of
+    sample, imagenette and train/+val/ folders, Fashion-MNIST's test set, or every image of a class-folder tree."""
+    if data in ("sample", "imagenette", "fashion-mnist"):
+        ds = load(data)
+        source, names = (ds.test if data == "fashion-mnist" else ds.val), ds.classes
+    else:
+        root = Path(data).expanduser()
+        if not root.is_dir():
+            raise DataError(f"{root}: no such folder")
+        names = [p.name for p in _class_folders(root / "val" if (root / "val").is_dir() else root)]
+        _, samples = scan_folder(root / "val" if (root / "val").is_dir() else root, names)
+        if not samples:
+            raise DataError(f"{root}: no images found")
+        source = FileSource(samples)
+    if sorted(names) != sorted(classes):
+        missing = sorted(set(names) ^ set(classes))[:5]
+        raise DataError(f"{data}: its classes do not match the weights' (differing: {', '.join(missing)})")
+    remap = torch.tensor([classes.index(n) for n in names])
+    if isinstance(source, TensorSource):
+        return TensorSource(source.images, remap[source.labels])
+    return FileSource([(p, int(remap[label])) for p, label in source.samples])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Transforms and batches
 

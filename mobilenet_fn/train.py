@@ -83,6 +83,8 @@ class TrainOptions:
             raise ValueError("; ".join(problems))
 
 
+COMPILE_BACKEND = "inductor"  # tests swap in a counting backend
+
 # ---------------------------------------------------------------------------------------------------------------
 # Per-device choices. Fixed rules taken from bench/throughput.py, not measured at run time.
 
@@ -106,6 +108,11 @@ def autocast_dtype(opts: TrainOptions, device: torch.device) -> torch.dtype | No
 # The step
 
 
+def trainable(params: dict, head_only: bool) -> dict:
+    """The part of ``params`` that the optimizer updates: all of it, or only the classifier."""
+    return {"fc": params["fc"]} if head_only else params
+
+
 def make_step(
     cfg: Config,
     optimizer,
@@ -113,28 +120,33 @@ def make_step(
     label_smoothing: float = 0.0,
     amp_dtype: torch.dtype | None = None,
     reduce_grads: Callable | None = None,
+    head_only: bool = False,
 ):
     """The pure training step for ``cfg`` and ``optimizer``.
 
-    ``reduce_grads`` (distributed) averages the gradient tree across processes.
+    ``reduce_grads`` (distributed) averages the gradient tree across processes. ``head_only`` trains only the
+    classifier on a frozen backbone, which then runs in eval mode (its running statistics are kept too).
     """
 
-    def loss_fn(params, state, x, y):
+    def loss_fn(learned, params, state, x, y):
         ctx = torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
         with ctx:
-            logits, new_state = apply(cfg, params, state, x, train=True)
-        logits = logits.float()
+            logits, new_state = apply(cfg, {**params, **learned}, state, x, train=not head_only)
+        if amp_dtype:
+            logits = logits.float()  # the loss in float32
         loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         return loss, (new_state, logits)
 
     def step(params, state, opt_state, batch, lr):
         x, y = batch
-        grads, (loss, (new_state, logits)) = torch.func.grad_and_value(loss_fn, has_aux=True)(params, state, x, y)
+        learned = trainable(params, head_only)
+        grads, (loss, (new_state, logits)) = torch.func.grad_and_value(loss_fn, has_aux=True)(
+            learned, params, state, x, y)
         if reduce_grads is not None:
             grads = reduce_grads(grads)
-        params, opt_state = optimizer.update(grads, opt_state, params, lr)
+        learned, opt_state = optimizer.update(grads, opt_state, learned, lr)
         correct = (logits.argmax(1) == y).sum()
-        return params, new_state, opt_state, {"loss": loss.detach(), "correct": correct}
+        return {**params, **learned}, new_state, opt_state, {"loss": loss.detach(), "correct": correct}
 
     return step
 
@@ -227,7 +239,7 @@ class Trainer:
             params, state = init(self.cfg, torch.Generator().manual_seed(self.opts.seed))
         self.params = to_device(params, self.device)
         self.state = to_device(state, self.device)
-        self.opt_state = self.optimizer.init(self.params)
+        self.opt_state = self.optimizer.init(trainable(self.params, self.opts.freeze_backbone))
 
     def checkpoint(self) -> dict:
         rng = {"torch": torch.get_rng_state()}
@@ -271,9 +283,9 @@ class Trainer:
     # -- loop ----------------------------------------------------------------------------------------------
     def build_step(self):
         step = make_step(self.cfg, self.optimizer, label_smoothing=self.opts.label_smoothing, amp_dtype=self.amp,
-                         reduce_grads=self.reduce_grads)
+                         reduce_grads=self.reduce_grads, head_only=self.opts.freeze_backbone)
         if self.compiled:
-            step = torch.compile(step, fullgraph=True)
+            step = torch.compile(step, fullgraph=True, backend=COMPILE_BACKEND)
         return step
 
     def run(self) -> Iterator:

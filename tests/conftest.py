@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch.utils._pytree import tree_flatten
 
 from mobilenet_fn import Config
 
@@ -23,3 +24,12 @@ def randomize_batchnorm(module: torch.nn.Module, generator: torch.Generator | No
 @pytest.fixture
 def small_cfg() -> Config:
     return Config(alpha=0.25, resolution=32, num_classes=10)
+
+
+def assert_trees_close(a, b, **kw):
+    """Same tree structure, and every pair of leaves close (exactly equal with atol=rtol=0)."""
+    la, sa = tree_flatten(a)
+    lb, sb = tree_flatten(b)
+    assert sa == sb
+    for x, y in zip(la, lb):
+        torch.testing.assert_close(x, y, **kw)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
-from conftest import randomize_batchnorm
+from conftest import assert_trees_close, randomize_batchnorm
 from mobilenet_fn import Config, apply, features, init
 from mobilenet_fn.convert import from_timm
 
@@ -18,14 +18,6 @@ def _timm_pair(size: int = 64):
     randomize_batchnorm(model)
     params, state = from_timm(model.state_dict())
     return model, Config(activation="relu6"), params, state, torch.randn(3, 3, size, size)
-
-
-def _assert_trees_close(a, b, **kw):
-    la, sa = tree_flatten(a)
-    lb, sb = tree_flatten(b)
-    assert sa == sb
-    for x, y in zip(la, lb):
-        torch.testing.assert_close(x, y, **kw)
 
 
 def test_eval_logits_match_timm():
@@ -46,7 +38,7 @@ def test_train_logits_and_running_statistics_match_timm():
     out, new_state = apply(cfg, params, state, x, train=True)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     _, ref_state = from_timm(model.state_dict())
-    _assert_trees_close(new_state, ref_state, atol=1e-5, rtol=1e-5)
+    assert_trees_close(new_state, ref_state, atol=1e-5, rtol=1e-5)
 
 
 def test_gradients_match_timm_autograd():
@@ -62,7 +54,7 @@ def test_gradients_match_timm_autograd():
         return F.cross_entropy(logits, y)
 
     grads = torch.func.grad(loss)(params)
-    _assert_trees_close(grads, ref_grads, atol=1e-4, rtol=1e-3)
+    assert_trees_close(grads, ref_grads, atol=1e-4, rtol=1e-3)
 
 
 def test_apply_is_pure():
@@ -71,7 +63,7 @@ def test_apply_is_pure():
     x = torch.randn(2, 3, 40, 40)
     snapshot = tree_map(torch.clone, (params, state, x))
     _, new_state = apply(cfg, params, state, x, train=True)
-    _assert_trees_close((params, state, x), snapshot, atol=0, rtol=0)
+    assert_trees_close((params, state, x), snapshot, atol=0, rtol=0)
     assert not torch.equal(new_state["blocks"][0]["dw_bn"]["mean"], state["blocks"][0]["dw_bn"]["mean"])
 
 
@@ -80,7 +72,7 @@ def test_init_is_reproducible_with_a_generator():
     a, _ = init(cfg, torch.Generator().manual_seed(3))
     b, _ = init(cfg, torch.Generator().manual_seed(3))
     c, _ = init(cfg, torch.Generator().manual_seed(4))
-    _assert_trees_close(a, b, atol=0, rtol=0)
+    assert_trees_close(a, b, atol=0, rtol=0)
     assert not torch.equal(a["fc"]["weight"], c["fc"]["weight"])
 
 
@@ -96,7 +88,7 @@ def test_per_sample_gradients_with_vmap_equal_a_loop():
     batched = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
     for i in range(3):
         single = torch.func.grad(loss)(params, x[i], y[i])
-        _assert_trees_close(tree_map(lambda t: t[i], batched), single, atol=1e-5, rtol=1e-4)
+        assert_trees_close(tree_map(lambda t: t[i], batched), single, atol=1e-5, rtol=1e-4)
 
 
 def test_compiles_with_fullgraph_and_matches_eager():
@@ -111,7 +103,7 @@ def test_compiles_with_fullgraph_and_matches_eager():
     out, new_state = compiled(params, state, x)
     ref, ref_state = forward(params, state, x)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    _assert_trees_close(new_state, ref_state, atol=1e-6, rtol=1e-5)
+    assert_trees_close(new_state, ref_state, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("padding", ["torch", "tf"])

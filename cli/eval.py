@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import DEVICE, JSON, UserError, err, pick_device, print_json, user_errors
+
+
+@user_errors
+def evaluate(
+    weights: Annotated[Path, typer.Argument(help="A weights .pkl (from train or convert).")],
+    data: Annotated[Optional[str], typer.Option(help="sample, fashion-mnist (its test set), imagenette, or a "
+                                                     "folder. Default: the validation split recorded in the file.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch.")] = 256,
+    device: DEVICE = "auto",
+    workers: Annotated[int, typer.Option(help="DataLoader workers for image folders.")] = 2,
+    json: JSON = False,
+    plot: Annotated[Optional[Path], typer.Option(help="Write the confusion matrix to this PNG.")] = None,
+):
+    """Top-1, top-5, loss and per-class accuracy of a weights file, BatchNorm in eval mode."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from mobilenet_fn import data as data_lib
+    from mobilenet_fn.evaluate import evaluate as run_eval
+    from mobilenet_fn.train import to_device
+    from mobilenet_fn.weights import load_weights
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    w = load_weights(weights)
+    dev = pick_device(device)
+    if data is None:
+        if not w.data:
+            raise UserError(f"{weights} records no validation data; pass --data")
+        try:
+            source = data_lib.validation_source(w.data, w.classes)
+        except data_lib.DataError as e:
+            raise UserError(f"{e}; pass --data") from None
+        where = f"the validation split recorded in {weights.name}"
+    else:
+        source = data_lib.eval_source(data, w.classes)
+        where = data
+    channels_last = dev.type in ("cuda", "cpu")
+    params = to_device(w.params, dev)
+    state = to_device(w.state, dev)
+    with err.status(f"Evaluating {len(source)} images…"):
+        result = run_eval(w.config, params, state, source, w.preprocess, batch_size=batch_size, device=dev,
+                          channels_last=channels_last, workers=workers)
+    if plot is not None:
+        from mobilenet_fn.plots import plot_confusion
+
+        plot_confusion(result["confusion"], w.classes, plot)
+    per_class = {c: a for c, a in zip(w.classes, result["per_class"])}
+    if json:
+        print_json({"top1": result["top1"], "top5": result["top5"], "loss": result["loss"], "n": result["n"],
+                    "per_class": per_class, "skipped": result["skipped"], "data": where})
+        return
+    out = Console()
+    table = Table(title=f"Per-class accuracy on {where}")
+    table.add_column("class")
+    table.add_column("images", justify="right")
+    table.add_column("top-1", justify="right")
+    counts = result["confusion"].sum(1).tolist()
+    for c, n in zip(w.classes, counts):
+        if n:
+            table.add_row(c, str(n), f"{100 * per_class[c]:.2f}%")
+    out.print(table)
+    out.print(f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  loss {result['loss']:.4f}  "
+              f"({result['n']} images)")
+    if result["skipped"]:
+        err.print(f"Skipped {len(result['skipped'])} unreadable file(s), e.g. {result['skipped'][0]}")

@@ -1,0 +1,134 @@
+"""Training: the step against autograd on timm, the optimizers, and the original project's mistakes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._pytree import tree_leaves, tree_map
+
+from conftest import assert_trees_close, randomize_batchnorm
+from mobilenet_fn import Config, apply, init
+from mobilenet_fn.convert import from_timm
+from mobilenet_fn.optim import Optimizer, adamw, decay_mask, make_schedule, rmsprop, sgd
+from mobilenet_fn.train import make_step
+
+# An "optimizer" whose update returns the gradients as the new params: the step then hands back its gradients.
+GRADS_OUT = Optimizer(init=lambda p: {}, update=lambda g, s, p, lr: (g, s))
+
+
+@pytest.mark.slow
+def test_compiled_step_has_no_graph_break_and_its_gradients_match_timm_autograd():
+    timm = pytest.importorskip("timm")
+    torch._dynamo.reset()
+    # float64, so that the comparison sees the function computed and not float32 rounding, which the compiler's
+    # fused reductions reorder (about 1e-3 relative in the stem's gradient of a randomly initialised net).
+    model = timm.create_model("mobilenetv1_100", act_layer="relu6", num_classes=10)
+    randomize_batchnorm(model)
+    params, state = tree_map(torch.Tensor.double, from_timm(model.state_dict()))
+    model.double()
+    cfg = Config(activation="relu6", num_classes=10)
+    x = torch.randn(4, 3, 64, 64, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    y = torch.tensor([0, 3, 9, 3])
+    step = torch.compile(make_step(cfg, GRADS_OUT), fullgraph=True)  # fullgraph: a graph break is an error
+    grads, new_state, _, metrics = step(params, state, {}, (x, y), torch.tensor(0.1))
+
+    model.train()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    named = {k: p.grad for k, p in model.named_parameters()} | dict(model.named_buffers())
+    ref_grads, _ = from_timm(named)
+    ref_grads, ref_state = tree_map(torch.Tensor.double, (ref_grads, from_timm(model.state_dict())[1]))
+    assert_trees_close(grads, ref_grads, atol=1e-4, rtol=1e-4)
+    assert_trees_close(new_state, ref_state, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(metrics["loss"], loss.detach(), atol=1e-8, rtol=1e-8)
+
+
+def test_depthwise_filters_receive_gradients_and_change():
+    cfg = Config(alpha=0.25, num_classes=3)
+    params, state = init(cfg)
+    opt = sgd(momentum=0.9)
+    step = make_step(cfg, opt)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    new, _, _, _ = step(params, state, opt.init(params), (x, y), torch.tensor(0.1))
+    for before, after in zip(params["blocks"], new["blocks"]):
+        assert not torch.equal(before["dw"]["weight"], after["dw"]["weight"])
+
+
+def test_step_does_not_mutate_its_inputs():
+    cfg = Config(alpha=0.25, num_classes=3)
+    params, state = init(cfg)
+    opt = rmsprop()
+    opt_state = opt.init(params)
+    snapshot = tree_map(torch.clone, (params, state, opt_state))
+    make_step(cfg, opt)(params, state, opt_state, (torch.randn(2, 3, 32, 32), torch.tensor([0, 1])),
+                        torch.tensor(0.1))
+    assert_trees_close((params, state, opt_state), snapshot, atol=0, rtol=0)
+
+
+def test_weight_decay_skips_depthwise_batchnorm_and_biases():
+    params, _ = init(Config(alpha=0.25, num_classes=3))
+    mask = decay_mask(params)
+    assert mask["stem"]["conv"]["weight"] and mask["blocks"][0]["pw"]["weight"] and mask["fc"]["weight"]
+    assert not mask["blocks"][0]["dw"]["weight"] and not mask["fc"]["bias"]
+    assert not any(tree_leaves(mask["stem"]["bn"])) and not mask["blocks"][2]["pw_bn"]["weight"]
+
+
+def _torch_optimizer_matches(ours, make_ref, steps=3, **close):
+    torch.manual_seed(0)
+    p = {"w": torch.randn(5, 4)}
+    ref_p = torch.nn.Parameter(p["w"].clone())
+    ref = make_ref([ref_p])
+    state = ours.init(p)
+    for _ in range(steps):
+        g = {"w": torch.randn(5, 4)}
+        p, state = ours.update(g, state, p, torch.tensor(0.05))
+        ref_p.grad = g["w"].clone()
+        ref.step()
+    torch.testing.assert_close(p["w"], ref_p.detach(), **close)
+
+
+def test_sgd_matches_torch_optim():
+    _torch_optimizer_matches(sgd(momentum=0.9, nesterov=True),
+                             lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True))
+
+
+def test_adamw_matches_torch_optim_without_decay():
+    _torch_optimizer_matches(adamw(), lambda ps: torch.optim.AdamW(ps, lr=0.05, weight_decay=0.0))
+
+
+def test_rmsprop_is_tensorflows():
+    # TF: ms <- 0.9 ms + 0.1 g^2 (ms starts at 1); mom <- 0.9 mom + lr g / sqrt(ms + eps); p <- p - mom
+    p, g = {"w": torch.tensor([1.0])}, {"w": torch.tensor([2.0])}
+    opt = rmsprop(decay=0.9, momentum=0.9, eps=1e-3)
+    p1, s1 = opt.update(g, opt.init(p), p, torch.tensor(0.1))
+    ms = 0.9 * 1 + 0.1 * 4
+    expected = 1.0 - 0.1 * 2 / (ms + 1e-3) ** 0.5
+    torch.testing.assert_close(p1["w"], torch.tensor([expected]))
+
+
+def test_schedules():
+    cos = make_schedule("cosine", 1.0, 100, warmup_steps=10)
+    assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(1.0) and cos(100) == pytest.approx(0.0)
+    assert cos(55) == pytest.approx(0.5)
+    step = make_schedule("step", 1.0, 90, decay_every=30, gamma=0.1)
+    assert [step(0), step(30), step(89)] == pytest.approx([1.0, 0.1, 0.01])
+    assert make_schedule("constant", 0.3, 10)(7) == 0.3
+
+
+def test_evaluation_runs_batchnorm_in_eval_mode():
+    from mobilenet_fn.data import TensorSource, normalize, preprocess_for
+    from mobilenet_fn.evaluate import evaluate
+
+    cfg = Config(alpha=0.25, num_classes=3, resolution=32)
+    params, state = init(cfg)
+    state = tree_map(lambda t: t + 0.3, state)  # running statistics that differ from any batch's
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    pre = preprocess_for(32, crop_pct=1.0, stats={"mean": [0.5] * 3, "std": [0.25] * 3})
+    result = evaluate(cfg, params, state, TensorSource(images, labels), pre, batch_size=4)
+    x = normalize(images.float() / 255, pre)
+    logits_eval, _ = apply(cfg, params, state, x, train=False)
+    logits_train, _ = apply(cfg, params, state, x, train=True)
+    expected_loss = F.cross_entropy(logits_eval, labels).item()
+    assert result["loss"] == pytest.approx(expected_loss, rel=1e-5)
+    assert abs(F.cross_entropy(logits_train, labels).item() - expected_loss) > 1e-3
+    assert result["top1"] == pytest.approx((logits_eval.argmax(1) == labels).float().mean().item())

@@ -1,0 +1,173 @@
+"""`mobilenet-fn train` end to end on the embedded sample (small α, so each epoch takes seconds)."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils._pytree import tree_flatten
+from typer.testing import CliRunner
+
+from mobilenet_fn import data as data_lib
+from mobilenet_fn import train as train_lib
+from mobilenet_fn.cli.main import app
+from mobilenet_fn.weights import load_checkpoint, load_weights
+
+runner = CliRunner()
+FAST = ["--alpha", "0.25", "--batch-size", "128", "--device", "cpu", "--compile", "off", "--workers", "0"]
+
+
+def train(*args):
+    return runner.invoke(app, ["train", *FAST, *map(str, args)])
+
+
+def _equal_trees(a, b):
+    la, sa = tree_flatten(a)
+    lb, sb = tree_flatten(b)
+    return sa == sb and all(torch.equal(x, y) for x, y in zip(la, lb))
+
+
+def _interrupt_at_epoch(monkeypatch, epoch):
+    real = data_lib.batches
+
+    def batches(*args, **kwargs):
+        if kwargs.get("train") and kwargs["epoch"] == epoch:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data_lib, "batches", batches)
+
+
+def test_run_folder_and_resume_after_ctrl_c_is_bit_identical(tmp_path, monkeypatch):
+    straight = train("--epochs", 2, "--out", tmp_path / "straight")
+    assert straight.exit_code == 0, straight.output
+    run = tmp_path / "straight"
+    assert {p.name for p in run.iterdir()} >= {"config.json", "split.json", "metrics.jsonl", "last.ckpt",
+                                              "best.ckpt", "weights.pkl", "curves.png"}
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]
+    for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "img_per_s", "seconds"):
+        assert key in lines[0]
+    assert all(0 <= m[k] <= 1 for m in lines for k in ("train_top1", "val_top1", "val_top5"))
+
+    with monkeypatch.context() as m:
+        _interrupt_at_epoch(m, 1)
+        stopped = train("--epochs", 2, "--out", tmp_path / "resumed")
+    assert stopped.exit_code == 130
+    assert "--resume" in stopped.output
+    assert load_checkpoint(tmp_path / "resumed" / "last.ckpt")["epoch"] == 1
+    resumed = runner.invoke(app, ["train", "--resume", str(tmp_path / "resumed"), "--device", "cpu"])
+    assert resumed.exit_code == 0, resumed.output
+    a = load_checkpoint(run / "last.ckpt")
+    b = load_checkpoint(tmp_path / "resumed" / "last.ckpt")
+    assert _equal_trees((a["params"], a["state"], a["opt_state"]), (b["params"], b["state"], b["opt_state"]))
+
+
+def test_one_epoch_then_resume_with_more_epochs_is_bit_identical(tmp_path):
+    # A constant schedule does not depend on the total, so raising --epochs on resume changes nothing.
+    assert train("--epochs", 2, "--schedule", "constant", "--out", tmp_path / "a").exit_code == 0
+    assert train("--epochs", 1, "--schedule", "constant", "--out", tmp_path / "b").exit_code == 0
+    result = runner.invoke(app, ["train", "--resume", str(tmp_path / "b"), "--epochs", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    a, b = load_checkpoint(tmp_path / "a" / "last.ckpt"), load_checkpoint(tmp_path / "b" / "last.ckpt")
+    assert b["epoch"] == 2 and _equal_trees(a["params"], b["params"])
+
+
+def test_weights_reproduce_the_reported_validation_accuracy(tmp_path):
+    assert train("--epochs", 1, "--out", tmp_path / "run").exit_code == 0
+    reported = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["val_top1"]
+    result = runner.invoke(app, ["eval", str(tmp_path / "run" / "weights.pkl"), "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["top1"] == pytest.approx(reported, abs=1e-9)
+
+
+def test_compiles_once_over_two_epochs_with_a_changing_learning_rate(tmp_path, monkeypatch):
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    monkeypatch.setattr(train_lib, "COMPILE_BACKEND", counter)
+    result = runner.invoke(app, ["train", "--alpha", "0.25", "--batch-size", "256", "--device", "cpu",
+                                 "--compile", "on", "--epochs", "2", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[0] != lrs[1]
+    assert counter.frame_count == 1
+
+
+def test_existing_out_is_refused(tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    result = train("--epochs", 1, "--out", tmp_path / "taken")
+    assert result.exit_code == 2 and "--resume" in result.output
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+def _image(path, color):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 40), color).save(path)
+
+
+@pytest.mark.parametrize("case", ["missing", "file", "empty", "one-class"])
+def test_bad_data_is_one_line_exit_2(tmp_path, case):
+    target = tmp_path / "data"
+    if case == "file":
+        target.write_text("not a folder")
+    elif case == "empty":
+        target.mkdir()
+    elif case == "one-class":
+        for i in range(4):
+            _image(target / "cats" / f"{i}.png", (i, 0, 0))
+    result = train("--data", target, "--epochs", 1, "--out", tmp_path / "run")
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args", [["--batch-size", "1"], ["--lr", "-1"], ["--optimizer", "lion"], ["--alpha", "0"],
+                                  ["--device", "cuda:7"], ["--augment", "lots"]])
+def test_bad_options_are_one_line_exit_2(tmp_path, args):
+    result = runner.invoke(app, ["train", "--epochs", "1", *args, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_no_bad_weights(tmp_path):
+    result = train("--epochs", 1, "--lr", "1e30", "--label-smoothing", "0", "--out", tmp_path / "run")
+    assert result.exit_code == 1, result.output
+    assert "NaN" in result.output
+    assert not (tmp_path / "run" / "weights.pkl").exists()
+
+
+def test_folder_with_corrupt_images_trains_and_records_the_split(tmp_path):
+    root = tmp_path / "photos"
+    for c, color in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+        for i in range(20):
+            _image(root / c / f"{i:02d}.png", tuple(max(0, v - 3 * i) for v in color))
+    (root / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    result = train("--data", root, "--resolution", "32", "--batch-size", "8", "--epochs", "1",
+                   "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert split["kind"] == "split" and len(split["val"]) == 2 * 4 + 0  # 20% of 20 (+ the broken file: 21)
+    w = load_weights(tmp_path / "run" / "weights.pkl")
+    assert w.classes == ["blue", "red"] and w.config.num_classes == 2
+
+
+def test_fine_tune_from_weights_reinitialises_a_different_head(tmp_path):
+    assert train("--epochs", 1, "--out", tmp_path / "base").exit_code == 0
+    root = tmp_path / "two"
+    for c, color in (("a", (250, 250, 250)), ("b", (0, 0, 0))):
+        for i in range(10):
+            _image(root / c / f"{i}.png", color)
+    result = runner.invoke(app, ["train", "--init", str(tmp_path / "base" / "weights.pkl"), "--freeze-backbone",
+                                 "--data", str(root), "--epochs", "1", "--batch-size", "4", "--device", "cpu",
+                                 "--workers", "0", "--out", str(tmp_path / "ft")])
+    assert result.exit_code == 0, result.output
+    base, ft = load_weights(tmp_path / "base" / "weights.pkl"), load_weights(tmp_path / "ft" / "weights.pkl")
+    assert ft.config.num_classes == 2 and ft.config.alpha == base.config.alpha
+    assert torch.equal(ft.params["blocks"][3]["pw"]["weight"], base.params["blocks"][3]["pw"]["weight"])
+    assert _equal_trees(ft.state, base.state)
+    clash = runner.invoke(app, ["train", "--init", str(tmp_path / "base" / "weights.pkl"), "--alpha", "1",
+                                "--out", str(tmp_path / "x")])
+    assert clash.exit_code == 2 and "alpha" in clash.output
