@@ -53,13 +53,14 @@ def test_depthwise_filters_receive_gradients_and_change():
         assert not torch.equal(before["dw"]["weight"], after["dw"]["weight"])
 
 
-def test_step_does_not_mutate_its_inputs():
+@pytest.mark.parametrize("for_compile", [True, False])
+def test_step_does_not_mutate_its_inputs(for_compile):
     cfg = Config(alpha=0.25, num_classes=3)
     params, state = init(cfg)
     opt = rmsprop()
     opt_state = opt.init(params)
     snapshot = tree_map(torch.clone, (params, state, opt_state))
-    make_step(cfg, opt)(params, state, opt_state, (torch.randn(2, 3, 32, 32), torch.tensor([0, 1])),
+    make_step(cfg, opt, for_compile=for_compile)(params, state, opt_state, (torch.randn(2, 3, 32, 32), torch.tensor([0, 1])),
                         torch.tensor(0.1))
     assert_trees_close((params, state, opt_state), snapshot, atol=0, rtol=0)
 
@@ -132,3 +133,18 @@ def test_evaluation_runs_batchnorm_in_eval_mode():
     assert result["loss"] == pytest.approx(expected_loss, rel=1e-5)
     assert abs(F.cross_entropy(logits_train, labels).item() - expected_loss) > 1e-3
     assert result["top1"] == pytest.approx((logits_eval.argmax(1) == labels).float().mean().item())
+
+
+@pytest.mark.parametrize("head_only", [False, True])
+def test_eager_autograd_step_equals_the_torch_func_step(head_only):
+    cfg = Config(alpha=0.25, num_classes=5, activation="relu6", dropout=0.0)
+    params, state = init(cfg)
+    opt = adamw(weight_decay=0.1)
+    opt_state = opt.init({"fc": params["fc"]} if head_only else params)
+    batch = (torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last), torch.tensor([0, 1, 4, 4]))
+    lr = torch.tensor(0.01)
+    a = make_step(cfg, opt, head_only=head_only, for_compile=True)(params, state, opt_state, batch, lr)
+    b = make_step(cfg, opt, head_only=head_only, for_compile=False)(params, state, opt_state, batch, lr)
+    assert_trees_close(a, b, atol=1e-6, rtol=1e-5)
+    if head_only:
+        assert torch.equal(a[0]["blocks"][0]["pw"]["weight"], params["blocks"][0]["pw"]["weight"])
