@@ -24,7 +24,8 @@ class UserError(Exception):
 def fail(message: str, code: int = 2) -> None:
     from rich.markup import escape
 
-    err.print(f"[bold red]Error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    # A fresh console: errors are shown even where ``err`` is quiet (the non-zero ranks of a distributed run).
+    Console(stderr=True).print(f"[bold red]Error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

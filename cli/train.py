@@ -41,19 +41,44 @@ def train(
     resume: Annotated[Optional[Path], Opt(help="Continue the run in this folder (from its last.ckpt).")] = None,
     init: Annotated[Optional[Path], Opt("--init", help="Start from a weights .pkl (fine-tuning).")] = None,
     freeze_backbone: Annotated[bool, Opt(help="With --init: train only the classifier.")] = False,
+    nproc: Annotated[int, Opt(help="Data-parallel processes on this machine (torchrun); e.g. one per GPU.")] = 1,
+    sync_bn: Annotated[bool, Opt(help="Distributed: BatchNorm statistics over the global batch.")] = False,
 ):
     """Train MobileNet v1 on a dataset; writes a run folder with checkpoints, metrics, curves and weights.pkl."""
-    import dataclasses
-
     import torch
 
+    from mobilenet_fn import distributed
+
+    if nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {nproc}")
+    if nproc > 1 and not distributed.launched():
+        _launch(nproc)
+        return
+    dev = _device(device)
+    ctx = distributed.setup(dev.type)
+    if dev.type == "cuda" and ctx.active:
+        dev = torch.device("cuda", ctx.local_rank)
+    err.quiet = not ctx.main
+    try:
+        trainer = _prepare(**locals())
+        _run(trainer)
+    finally:
+        distributed.teardown()
+
+
+def _prepare(*, data, alpha, resolution, rho, activation, dropout, epochs, batch_size, lr, optimizer, schedule,
+             warmup_epochs, weight_decay, label_smoothing, augment, compile, channels_last, amp, seed, workers,
+             val_split, out, resume, init, freeze_backbone, sync_bn, dev, ctx, **_):
+    """The Trainer for a new run (its folder made and described) or for a resumed one."""
+    import dataclasses
+
     from mobilenet_fn import data as data_lib
+    from mobilenet_fn import distributed
     from mobilenet_fn.model import Config, resolution_for_rho
     from mobilenet_fn.train import TrainOptions, Trainer, default_run_dir, write_json
 
-    dev = _device(device)
     if resume is not None:
-        trainer = _resume(resume, epochs, dev)
+        return _resume(resume, epochs, dev, ctx)
     else:
         if rho is not None:
             resolution = resolution_for_rho(rho)
@@ -62,6 +87,7 @@ def train(
             warmup_epochs=warmup_epochs, weight_decay=weight_decay, label_smoothing=label_smoothing, augment=augment,
             compile=compile, channels_last=channels_last, amp=amp, seed=seed, workers=workers, val_split=val_split,
             device=str(dev), freeze_backbone=freeze_backbone, init_weights=str(init) if init else None,
+            sync_bn=sync_bn,
         )
         if freeze_backbone and init is None:
             raise UserError("--freeze-backbone needs --init weights.pkl (a backbone worth keeping)")
@@ -73,19 +99,27 @@ def train(
         base = start.config if start else Config(alpha=0.5 if alpha is None else alpha, activation=activation or "relu")
         cfg = dataclasses.replace(base, resolution=dataset.preprocess["resolution"],
                                   num_classes=len(dataset.classes), dropout=dropout)
-        run_dir = out or default_run_dir(data, cfg)
-        if run_dir.exists():
-            raise UserError(f"{run_dir} already exists; continue it with --resume {run_dir}, or pick another --out")
-        trainer = Trainer(cfg, opts, dataset, run_dir, dev)
+        trainer = Trainer(cfg, opts, dataset, Path(), dev, dist=ctx)
         if start is not None:
             trainer.start_fresh(*_head_for(start, cfg, seed))
         else:
             trainer.start_fresh()
-        run_dir.mkdir(parents=True)
-        write_json(run_dir / "config.json", {"model": cfg.to_dict(), "train": dataclasses.asdict(opts),
-                                             "classes": dataset.classes, "preprocess": dataset.preprocess})
-        write_json(run_dir / "split.json", {"data": data, **dataset.split})
-    _run(trainer)
+        # Rank 0 picks and makes the run folder; the others learn it from rank 0 (or that it was refused).
+        problem = None
+        if ctx.main:
+            run_dir = out or default_run_dir(data, cfg)
+            if run_dir.exists():
+                problem = f"{run_dir} already exists; continue it with --resume {run_dir}, or pick another --out"
+            else:
+                run_dir.mkdir(parents=True)
+                write_json(run_dir / "config.json", {"model": cfg.to_dict(), "train": dataclasses.asdict(opts),
+                                                     "classes": dataset.classes, "preprocess": dataset.preprocess})
+                write_json(run_dir / "split.json", {"data": data, **dataset.split})
+        run_dir, problem = distributed.broadcast_object((str(run_dir) if ctx.main else None, problem), ctx)
+        if problem:
+            raise UserError(problem)
+        trainer.out = Path(run_dir)
+        return trainer
 
 
 def _device(name: str):
@@ -120,7 +154,33 @@ def _head_for(start, cfg, seed: int):
     return params, start.state
 
 
-def _resume(run_dir: Path, epochs: int, dev):
+def _launch(nproc: int) -> None:
+    """Runs this same command in ``nproc`` processes through torch.distributed.run (what torchrun does)."""
+    import sys
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    import os
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    argv = sys.argv[1:]
+    args = [a for i, a in enumerate(argv) if a != "--nproc" and not a.startswith("--nproc=")
+            and (i == 0 or argv[i - 1] != "--nproc")]
+    launch = parse_args(["--standalone", "--nproc-per-node", str(nproc), "--monitor-interval", "1",
+                         "-m", "mobilenet_fn", *args])
+    try:
+        run(launch)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        code = failure.exitcode
+        if code == 2:
+            raise typer.Exit(2)  # a usage error, already reported by the processes
+        fail(f"training process {rank} of {nproc} stopped (exit code {code}); the others were stopped too. "
+             f"The last checkpoint is intact: continue with --resume", code=1)
+
+
+def _resume(run_dir: Path, epochs: int, dev, ctx):
     import dataclasses
 
     from mobilenet_fn import data as data_lib
@@ -142,7 +202,7 @@ def _resume(run_dir: Path, epochs: int, dev):
         dataset = data_lib.load(opts.data, resolution=cfg.resolution, val_split=opts.val_split, seed=opts.seed)
     if list(dataset.classes) != list(ckpt["classes"]):
         raise UserError(f"the data's classes no longer match the run's ({opts.data})")
-    trainer = Trainer(cfg, opts, dataset, run_dir, dev)
+    trainer = Trainer(cfg, opts, dataset, run_dir, dev, dist=ctx)
     trainer.restore(ckpt)
     if trainer.epoch >= opts.epochs:
         raise UserError(f"{run_dir} has finished its {trainer.epoch} epochs; raise --epochs to train more")

@@ -470,7 +470,7 @@ def batches(
     mem = torch.channels_last if channels_last else torch.contiguous_format
 
     def finish(x_uint8: torch.Tensor, y: torch.Tensor, i: int, skipped: list) -> Batch:
-        x = x_uint8.to(device, non_blocking=True).float().div_(255)
+        x = x_uint8.to(device, non_blocking=True).to(torch.get_default_dtype()).div_(255)
         y = y.to(device, non_blocking=True)
         if isinstance(source, TensorSource):
             if train and augment:

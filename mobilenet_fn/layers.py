@@ -83,21 +83,65 @@ def batchnorm_init(channels: int) -> tuple[Tree, Tree]:
 
 
 def batchnorm_apply(
-    params: Tree, state: Tree, x: torch.Tensor, *, train: bool, momentum: float, eps: float
+    params: Tree, state: Tree, x: torch.Tensor, *, train: bool, momentum: float, eps: float, reduce=None
 ) -> tuple[torch.Tensor, Tree]:
     """Normalises (N, C, H, W) per channel; returns the output and the new running statistics.
 
     PyTorch's conventions: in training the batch statistics normalise, ``momentum`` weights the new batch in the
     running mean/var, and the running variance is the unbiased one. In eval the running statistics normalise
-    and the state comes back unchanged.
+    and the state comes back unchanged. ``reduce`` (a sum across processes) makes the batch statistics those of
+    the global batch: synchronised BatchNorm.
     """
     if not train:
         y = F.batch_norm(x, state["mean"], state["var"], params["weight"], params["bias"], False, 0.0, eps)
         return y, state
+    if reduce is not None:
+        return _synced_batchnorm(params, state, x, momentum=momentum, eps=eps, reduce=reduce)
     # Fresh copies for the fused kernel to update, so the caller's state is never written.
     mean, var = state["mean"].clone(), state["var"].clone()
     y = F.batch_norm(x, mean, var, params["weight"], params["bias"], True, momentum, eps)
     return y, {"mean": mean, "var": var}
+
+
+class _SyncedBatchNorm(torch.autograd.Function):
+    """BatchNorm over the union of every process's batch, with the analytic backward (as torch.nn.SyncBatchNorm):
+    autograd through the decomposed statistics cancels large terms and loses float32 precision.
+
+    ``reduce`` sums a tensor over processes (no gradient). Forward: two sums (mean, then the variance about it).
+    Backward: one sum of (sum dy, sum dy * x_hat), so that each process gets its share of d(sum of losses)/dx.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, reduce):
+        n_local = x.numel() // x.shape[1]
+        first = reduce(torch.cat([x.sum((0, 2, 3)), x.new_full((1,), float(n_local))]))
+        count = first[-1]
+        mean = first[:-1] / count
+        centered = x - mean.view(1, -1, 1, 1)
+        var = reduce((centered * centered).sum((0, 2, 3))) / count
+        invstd = torch.rsqrt(var + eps)
+        x_hat = centered * invstd.view(1, -1, 1, 1)
+        ctx.save_for_backward(x_hat, weight, invstd, count)
+        ctx.reduce = reduce
+        return x_hat * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1), mean, var * count / (count - 1)
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        x_hat, weight, invstd, count = ctx.saved_tensors
+        local = torch.stack([dy.sum((0, 2, 3)), (dy * x_hat).sum((0, 2, 3))])
+        total = ctx.reduce(local) / count
+        dx = (dy - total[0].view(1, -1, 1, 1) - x_hat * total[1].view(1, -1, 1, 1)) * (invstd * weight).view(1, -1, 1, 1)
+        return dx, local[1], local[0], None, None
+
+
+def _synced_batchnorm(params: Tree, state: Tree, x: torch.Tensor, *, momentum: float, eps: float, reduce):
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # statistics in at least float32
+    y, mean, unbiased_var = _SyncedBatchNorm.apply(xf, params["weight"], params["bias"], eps, reduce)
+    new_state = {
+        "mean": (1 - momentum) * state["mean"] + momentum * mean.detach(),
+        "var": (1 - momentum) * state["var"] + momentum * unbiased_var.detach(),
+    }
+    return y.to(x.dtype), new_state
 
 
 def linear_init(in_features: int, out_features: int, generator: torch.Generator | None = None) -> Tree:

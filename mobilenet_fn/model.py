@@ -151,11 +151,12 @@ def init(cfg: Config, generator: torch.Generator | None = None) -> tuple[dict, d
     return params, state
 
 
-def _trunk(cfg: Config, params: dict, state: dict, x: torch.Tensor, train: bool, endpoints: dict | None):
+def _trunk(cfg: Config, params: dict, state: dict, x: torch.Tensor, train: bool, endpoints: dict | None,
+           bn_reduce=None):
     """Stem and blocks: (N, C, H, W) -> (N, feature_dim, H/32, W/32) and the new state."""
     # In place on BatchNorm's fresh output, as timm does: saves a pass over memory and stays pure from outside.
     act = functools.partial(layers.ACTIVATIONS[cfg.activation], inplace=True)
-    bn = dict(train=train, momentum=cfg.bn_momentum, eps=cfg.bn_eps)
+    bn = dict(train=train, momentum=cfg.bn_momentum, eps=cfg.bn_eps, reduce=bn_reduce)
 
     def record(x: torch.Tensor, stride: int) -> None:
         if endpoints is not None:
@@ -192,14 +193,17 @@ def _check_input(cfg: Config, x: torch.Tensor) -> None:
         raise ValueError(f"input must be at least {MIN_RESOLUTION}x{MIN_RESOLUTION}, got {tuple(x.shape[-2:])}")
 
 
-def apply(cfg: Config, params: dict, state: dict, x: torch.Tensor, *, train: bool) -> tuple[torch.Tensor, dict]:
+def apply(
+    cfg: Config, params: dict, state: dict, x: torch.Tensor, *, train: bool, bn_reduce=None
+) -> tuple[torch.Tensor, dict]:
     """(N, C, H, W) images -> ((N, num_classes) logits, new state). Pure: nothing passed in is modified.
 
     In training, BatchNorm normalises with batch statistics and the returned state holds the updated running
     statistics, and dropout (when ``cfg.dropout`` > 0) draws from torch's RNG. In eval, the state comes back as is.
+    ``bn_reduce``, a sum across processes, synchronises BatchNorm's batch statistics.
     """
     _check_input(cfg, x)
-    x, new_state = _trunk(cfg, params, state, x, train, None)
+    x, new_state = _trunk(cfg, params, state, x, train, None, bn_reduce)
     x = F.adaptive_avg_pool2d(x, 1).flatten(1)  # (N, C); its backward keeps channels-last, unlike mean()
     x = F.dropout(x, cfg.dropout, training=train)
     return layers.linear_apply(params["fc"], x), (new_state if train else state)

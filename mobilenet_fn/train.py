@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from . import data as data_lib
+from . import distributed
 from .evaluate import evaluate
 from .model import Config, apply, init
 from .optim import OPTIMIZERS, SCHEDULES, make_optimizer, make_schedule
@@ -142,19 +143,22 @@ def make_step(
     reduce_grads: Callable | None = None,
     head_only: bool = False,
     for_compile: bool = True,
+    bn_reduce: Callable | None = None,
 ):
     """The pure training step for ``cfg`` and ``optimizer``.
 
     ``reduce_grads`` (distributed) averages the gradient tree across processes. ``head_only`` trains only the
     classifier on a frozen backbone, which then runs in eval mode (its running statistics are kept too).
     ``for_compile=False`` takes gradients with ``autograd_grad_and_value``, faster when the step runs eagerly.
+    ``bn_reduce`` (a sum across processes) synchronises BatchNorm; it needs ``for_compile=False``, since its
+    autograd function holds collectives that torch.func does not trace.
     """
     grad_and_value = torch.func.grad_and_value if for_compile else autograd_grad_and_value
 
     def loss_fn(learned, params, state, x, y):
         ctx = torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
         with ctx:
-            logits, new_state = apply(cfg, {**params, **learned}, state, x, train=not head_only)
+            logits, new_state = apply(cfg, {**params, **learned}, state, x, train=not head_only, bn_reduce=bn_reduce)
         if amp_dtype:
             logits = logits.float()  # the loss in float32
         loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
@@ -235,14 +239,17 @@ class Trainer:
     batch_in_epoch: int = 0  # completed batches of the current epoch
     global_step: int = 0
     best: dict | None = None
-    rank: int = 0
-    world: int = 1
-    reduce_grads: Callable | None = None
+    dist: distributed.Context = field(default_factory=distributed.Context)
 
     def __post_init__(self):
+        self.rank, self.world = self.dist.rank, self.dist.world
+        self.reduce_grads = distributed.mean_across_ranks if self.dist.active else None
+        # Synchronised BatchNorm's autograd function runs collectives that torch.func does not trace: eager step.
+        self.bn_reduce = distributed.reduce_sum if self.dist.active and self.opts.sync_bn else None
         self.channels_last = use_channels_last(self.opts, self.device)
         self.amp = autocast_dtype(self.opts, self.device)
-        self.compiled = use_compile(self.opts, self.device)
+        self.compiled = use_compile(self.opts, self.device) and self.bn_reduce is None
+        self.best_weights = None  # (params, state) on the CPU, of the best epoch
         self.optimizer = make_optimizer(self.opts.optimizer, weight_decay=self.opts.weight_decay,
                                         momentum=self.opts.momentum)
         n_train = len(self.dataset.train) // self.world
@@ -282,14 +289,17 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "rng": rng,
             "run": asdict(self.opts),
+            "world": self.world,
         }
 
     def restore(self, ckpt: dict) -> None:
         self.params = to_device(ckpt["params"], self.device)
         self.state = to_device(ckpt["state"], self.device)
         self.opt_state = to_device(ckpt["opt_state"], self.device)
-        self.epoch, self.global_step = ckpt["epoch"], ckpt["step"]
-        self.batch_in_epoch = ckpt["batch_in_epoch"]
+        self.epoch = ckpt["epoch"]
+        # Positions count this run's batches: a run saved with N processes may resume with M.
+        self.batch_in_epoch = ckpt["batch_in_epoch"] * ckpt.get("world", 1) // self.world
+        self.global_step = self.epoch * self.batches + self.batch_in_epoch
         self.best = ckpt["metrics"] or None
         torch.set_rng_state(ckpt["rng"]["torch"])
         if self.device.type == "cuda" and "cuda" in ckpt["rng"]:
@@ -306,7 +316,7 @@ class Trainer:
     def build_step(self):
         step = make_step(self.cfg, self.optimizer, label_smoothing=self.opts.label_smoothing, amp_dtype=self.amp,
                          reduce_grads=self.reduce_grads, head_only=self.opts.freeze_backbone,
-                         for_compile=self.compiled)
+                         for_compile=self.compiled, bn_reduce=self.bn_reduce)
         if self.compiled:
             step = torch.compile(step, fullgraph=True, backend=COMPILE_BACKEND)
         return step
@@ -352,7 +362,12 @@ class Trainer:
                     yield StepEvent(self.epoch + 1, self.batch_in_epoch, self.batches, mean_loss,
                                     correct.item() / max(1, seen), seen / (now - t0), lr)
             train_seconds = time.perf_counter() - t0
-            n_steps = max(1, seen // opts.batch_size)
+            if self.dist.active:
+                totals = distributed.reduce_sum(torch.stack([loss_sum, correct.double(), torch.tensor(
+                    float(seen), device=self.device, dtype=torch.float64)]).double())
+                loss_sum, correct, seen = totals[0] / self.world, totals[1], int(totals[2].item())
+                distributed.check_in_sync(self.params, self.dist)
+            n_steps = max(1, seen // (opts.batch_size * self.world))
             train_loss = loss_sum.item() / n_steps
             if not math.isfinite(train_loss):
                 raise NonFiniteLoss(self.epoch + 1, self.batch_in_epoch)
@@ -367,13 +382,14 @@ class Trainer:
                 "val_top1": val["top1"],
                 "val_top5": val["top5"],
                 "lr": self.schedule(self.global_step - 1),
-                "img_per_s": seen * self.world / max(train_seconds, 1e-9),
+                "img_per_s": seen / max(train_seconds, 1e-9),
                 "seconds": time.perf_counter() - t0,
                 "step": self.global_step,
             }
             improved = self.best is None or (val["top1"], -val["loss"]) > (self.best["val_top1"], -self.best["val_loss"])
             if improved:
                 self.best = dict(metrics)
+                self.best_weights = (to_device(self.params, "cpu"), to_device(self.state, "cpu"))
             if self.rank == 0:
                 if improved:
                     yield CheckpointEvent(self.save("best.ckpt"))
@@ -385,22 +401,23 @@ class Trainer:
                 self.append_metrics(metrics)
             yield EpochEvent(metrics, improved)
 
-    def validate(self, source) -> dict:
-        return evaluate(self.cfg, self.params, self.state, source, self.dataset.preprocess,
+    def validate(self, source, params=None, state=None) -> dict:
+        """Metrics on ``source``, each process evaluating its shard and the counts summed."""
+        return evaluate(self.cfg, self.params if params is None else params,
+                        self.state if state is None else state, source, self.dataset.preprocess,
                         batch_size=max(self.opts.batch_size, 128), device=self.device,
                         channels_last=self.channels_last, amp_dtype=self.amp, workers=self.opts.workers,
-                        shard=(self.rank, self.world))
+                        shard=(self.rank, self.world), reduce=distributed.reduce_sum if self.dist.active else None)
 
     def test_best(self) -> dict:
         """Test-set metrics of the best epoch's weights (the test set never picks the epoch)."""
-        from .weights import load_checkpoint
+        if self.best_weights is None:  # resumed after the best epoch: its weights are in best.ckpt
+            from .weights import load_checkpoint
 
-        best = load_checkpoint(self.out / "best.ckpt") if (self.out / "best.ckpt").exists() else None
-        params = to_device(best["params"], self.device) if best else self.params
-        state = to_device(best["state"], self.device) if best else self.state
-        result = evaluate(self.cfg, params, state, self.dataset.test, self.dataset.preprocess,
-                          batch_size=max(self.opts.batch_size, 128), device=self.device,
-                          channels_last=self.channels_last, amp_dtype=self.amp, shard=(self.rank, self.world))
+            best = load_checkpoint(self.out / "best.ckpt")
+            self.best_weights = (best["params"], best["state"])
+        params, state = (to_device(t, self.device) for t in self.best_weights)
+        result = self.validate(self.dataset.test, params, state)
         return {"test_top1": result["top1"], "test_top5": result["top5"], "test_loss": result["loss"],
                 "test_of_epoch": self.best["epoch"]}
 

@@ -75,3 +75,25 @@ def test_batchnorm_does_not_mutate_state():
     for k in state:
         torch.testing.assert_close(state[k], before[k], rtol=0, atol=0)
         assert not torch.equal(new[k], before[k])
+
+
+def test_synchronised_batchnorm_in_one_process_equals_batchnorm2d():
+    # With one process the sum across processes is the identity: forward, backward and statistics must match.
+    ref = nn.BatchNorm2d(5, momentum=0.3)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ref.bias.uniform_(-1, 1)
+    params = {"weight": ref.weight.detach().clone().requires_grad_(), "bias": ref.bias.detach().clone().requires_grad_()}
+    _, state = layers.batchnorm_init(5)
+    x = (torch.randn(6, 5, 7, 7) * 2 + 1).requires_grad_()
+    upstream = torch.randn(6, 5, 7, 7)
+    y, new_state = layers.batchnorm_apply(params, state, x, train=True, momentum=0.3, eps=1e-5, reduce=lambda t: t)
+    ours = torch.autograd.grad((y * upstream).sum(), [x, params["weight"], params["bias"]])
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = ref(x_ref)
+    theirs = torch.autograd.grad((y_ref * upstream).sum(), [x_ref, ref.weight, ref.bias])
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(new_state["mean"], ref.running_mean)
+    torch.testing.assert_close(new_state["var"], ref.running_var)

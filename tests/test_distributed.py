@@ -1,0 +1,115 @@
+"""Data-parallel training with torchrun: 2 processes, Gloo on the loopback address, eager (no compile)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_trees_close
+from mobilenet_fn.weights import load_checkpoint
+
+HERE = Path(__file__).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+
+
+def torchrun(nproc: int, *args, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+@pytest.fixture(scope="module")
+def worlds(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    two = torchrun(2, str(HERE / "dist_worker.py"), str(out), "32")
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, str(HERE / "dist_worker.py"), str(out), "32"], capture_output=True,
+                         text=True, timeout=300, env=ENV)
+    assert one.returncode == 0, one.stderr[-3000:]
+    return {name: torch.load(out / f"{name}.pt") for name in ("world2-rank0", "world2-rank1", "world1-rank0")}
+
+
+def test_ranks_end_with_identical_parameters(worlds):
+    a, b = worlds["world2-rank0"], worlds["world2-rank1"]
+    assert_trees_close((a["params"], a["state"]), (b["params"], b["state"]), atol=0, rtol=0)
+
+
+def test_two_processes_with_sync_bn_equal_one_process_on_the_global_batch(worlds):
+    two, one = worlds["world2-rank0"], worlds["world1-rank0"]
+    assert_trees_close(two["params"], one["params"], atol=1e-5, rtol=1e-5)
+    assert_trees_close(two["state"], one["state"], atol=1e-5, rtol=1e-5)
+
+
+def test_distributed_eval_equals_single_process_eval(worlds):
+    # Same weights on both sides: each rank's final weights evaluated with and without sharding.
+    two = worlds["world2-rank0"]
+    from mobilenet_fn import Config
+    from mobilenet_fn.data import preprocess_for
+    from mobilenet_fn.evaluate import evaluate
+
+    sys.path.insert(0, str(HERE))
+    from dist_worker import synthetic
+
+    torch.set_default_dtype(torch.float64)  # as the workers trained and evaluated
+    try:
+        single = evaluate(Config(alpha=0.25, resolution=32, num_classes=4), two["params"], two["state"],
+                          synthetic(50, 1), preprocess_for(32, crop_pct=1.0, stats={"mean": [0.5] * 3, "std": [0.25] * 3}),
+                          batch_size=64)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert torch.equal(single["confusion"], two["confusion"])
+    assert single["n"] == two["val"]["n"] == 50
+    assert single["top1"] == two["val"]["top1"] and single["top5"] == two["val"]["top5"]
+    assert single["loss"] == pytest.approx(two["val"]["loss"], rel=1e-6)
+
+
+CLI = [sys.executable, "-m", "mobilenet_fn", "train", "--alpha", "0.25", "--batch-size", "32", "--device", "cpu",
+       "--workers", "0", "--compile", "off"]
+
+
+def test_cli_nproc_2_then_resume_with_1_process(tmp_path):
+    run = tmp_path / "run"
+    first = subprocess.run([*CLI, "--nproc", "2", "--epochs", "1", "--out", str(run)], capture_output=True,
+                           text=True, timeout=300, env=ENV)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stderr.count("Training on") == 1  # only rank 0 reports
+    assert load_checkpoint(run / "last.ckpt")["world"] == 2
+    second = subprocess.run([*CLI, "--resume", str(run), "--epochs", "2"], capture_output=True, text=True,
+                            timeout=300, env=ENV)
+    assert second.returncode == 0, second.stderr[-3000:]
+    ckpt = load_checkpoint(run / "last.ckpt")
+    assert ckpt["epoch"] == 2 and ckpt["world"] == 1
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def test_a_killed_rank_stops_the_whole_job_quickly(tmp_path):
+    proc = subprocess.Popen([*CLI, "--nproc", "2", "--epochs", "50", "--out", str(tmp_path / "run")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        deadline = time.time() + 180
+        while not (tmp_path / "run" / "last.ckpt").exists() and time.time() < deadline:
+            time.sleep(0.5)
+        assert (tmp_path / "run" / "last.ckpt").exists(), "training did not get going"
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        os.kill(workers[1], signal.SIGKILL)
+        killed = time.time()
+        _, stderr = proc.communicate(timeout=60)
+        assert time.time() - killed < 60
+        assert proc.returncode != 0
+        assert "stopped" in stderr and "--resume" in stderr
+        load_checkpoint(tmp_path / "run" / "last.ckpt")  # still a valid checkpoint
+    finally:
+        if proc.poll() is None:
+            proc.kill()
