@@ -12,13 +12,14 @@ from mobilenet_fn.train import CheckpointEvent, EpochEvent, StartEvent, StepEven
 
 from .common import err
 
-COLUMNS = ("epoch", "train loss", "train top-1", "val loss", "val top-1", "val top-5", "lr", "img/s", "time")
+COLUMNS = ("epoch", "train loss", "train top-1", "val loss", "val top-1", "val top-5", "lr", "img/s", "data wait",
+           "time")
 
 
 def _row(m: dict, best: bool) -> list[str]:
     return [f"{m['epoch']}", f"{m['train_loss']:.4f}", f"{100 * m['train_top1']:.2f}%", f"{m['val_loss']:.4f}",
             f"{100 * m['val_top1']:.2f}%" + (" *" if best else ""), f"{100 * m['val_top5']:.2f}%", f"{m['lr']:.4g}",
-            f"{m['img_per_s']:.0f}", f"{m['seconds']:.1f}s"]
+            f"{m['img_per_s']:.0f}", f"{100 * m['data_wait']:.0f}%", f"{m['seconds']:.1f}s"]
 
 
 class TrainProgress:
@@ -27,7 +28,8 @@ class TrainProgress:
         self.live = enabled and err.is_terminal
         self.progress = Progress(
             TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TextColumn("loss {task.fields[loss]:.4f}  top-1 {task.fields[top1]:.1%}  {task.fields[ips]:.0f} img/s"),
+            TextColumn("loss {task.fields[loss]:.4f}  top-1 {task.fields[top1]:.1%}  {task.fields[ips]:.0f} img/s  "
+                       "data {task.fields[wait]:.0%}"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True, disable=not self.live,
         )
         self.task = None
@@ -54,7 +56,7 @@ class TrainProgress:
         elif isinstance(event, StepEvent):
             if not self.live:
                 return
-            fields = dict(epoch=event.epoch, loss=event.loss, top1=event.top1, ips=event.img_per_s)
+            fields = dict(epoch=event.epoch, loss=event.loss, top1=event.top1, ips=event.img_per_s, wait=event.data_wait)
             if self.task is None or self.progress.tasks[0].fields["epoch"] != event.epoch:
                 if self.task is not None:
                     self.progress.remove_task(self.task)

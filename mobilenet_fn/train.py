@@ -200,6 +200,7 @@ class StepEvent:
     top1: float
     img_per_s: float
     lr: float
+    data_wait: float  # fraction of the epoch's time so far spent waiting for batches
 
 
 @dataclass
@@ -340,7 +341,13 @@ class Trainer:
                 start=self.batch_in_epoch, workers=opts.workers, shard=(self.rank, self.world),
                 channels_last=self.channels_last,
             )
-            for batch in batches:
+            waited = 0.0  # seconds spent waiting for the next batch
+            while True:
+                t_wait = time.perf_counter()
+                batch = next(batches, None)
+                waited += time.perf_counter() - t_wait
+                if batch is None:
+                    break
                 self.skipped.update(batch.skipped)
                 if len(batch.y) != opts.batch_size:
                     continue  # an unreadable file shortened this batch: keep one shape for the compiled step
@@ -360,7 +367,7 @@ class Trainer:
                     if not math.isfinite(mean_loss):
                         raise NonFiniteLoss(self.epoch + 1, self.batch_in_epoch)
                     yield StepEvent(self.epoch + 1, self.batch_in_epoch, self.batches, mean_loss,
-                                    correct.item() / max(1, seen), seen / (now - t0), lr)
+                                    correct.item() / max(1, seen), seen / (now - t0), lr, waited / (now - t0))
             train_seconds = time.perf_counter() - t0
             if self.dist.active:
                 totals = distributed.reduce_sum(torch.stack([loss_sum, correct.double(), torch.tensor(
@@ -384,6 +391,7 @@ class Trainer:
                 "lr": self.schedule(self.global_step - 1),
                 "img_per_s": seen / max(train_seconds, 1e-9),
                 "seconds": time.perf_counter() - t0,
+                "data_wait": waited / max(train_seconds, 1e-9),
                 "step": self.global_step,
             }
             improved = self.best is None or (val["top1"], -val["loss"]) > (self.best["val_top1"], -self.best["val_loss"])
