@@ -6,9 +6,8 @@ When stderr is not a terminal (a log file, CI), plain lines instead of a live di
 from __future__ import annotations
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
-from mobilenet_fn.train import CheckpointEvent, EpochEvent, StartEvent, StepEvent
+from mobilenet_fn.train import EpochEvent, StartEvent, StepEvent
 
 from .common import err
 

@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import DEVICE, RHO, UserError, err, fail, user_errors
+from .common import DEVICE, RHO, UserError, err, fail, pick_device, user_errors
 
 Opt = typer.Option
 
@@ -48,84 +48,76 @@ def train(
     import torch
 
     from mobilenet_fn import distributed
+    from mobilenet_fn.model import resolution_for_rho
+    from mobilenet_fn.train import TrainOptions
 
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
     if nproc > 1 and not distributed.launched():
         _launch(nproc)
         return
-    dev = _device(device)
+    dev = pick_device(device)
     ctx = distributed.setup(dev.type)
     if dev.type == "cuda" and ctx.active:
         dev = torch.device("cuda", ctx.local_rank)
-    err.quiet = not ctx.main
+    err.quiet = not ctx.main  # the other processes report nothing but errors
     try:
-        trainer = _prepare(**locals())
+        if resume is not None:
+            trainer = _resume(resume, epochs, dev, ctx)
+        else:
+            opts = TrainOptions(
+                data=data, epochs=15 if epochs is None else epochs, batch_size=batch_size, lr=lr,
+                optimizer=optimizer, schedule=schedule, warmup_epochs=warmup_epochs, weight_decay=weight_decay,
+                label_smoothing=label_smoothing, augment=augment, compile=compile, channels_last=channels_last,
+                amp=amp, seed=seed, workers=workers, val_split=val_split, device=str(dev),
+                freeze_backbone=freeze_backbone, init_weights=str(init) if init else None, sync_bn=sync_bn,
+            )
+            if rho is not None:
+                resolution = resolution_for_rho(rho)
+            trainer = _new_run(opts, alpha=alpha, resolution=resolution, activation=activation, dropout=dropout,
+                               init=init, out=out, dev=dev, ctx=ctx)
         _run(trainer)
     finally:
         distributed.teardown()
 
 
-def _prepare(*, data, alpha, resolution, rho, activation, dropout, epochs, batch_size, lr, optimizer, schedule,
-             warmup_epochs, weight_decay, label_smoothing, augment, compile, channels_last, amp, seed, workers,
-             val_split, out, resume, init, freeze_backbone, sync_bn, dev, ctx, **_):
-    """The Trainer for a new run (its folder made and described) or for a resumed one."""
+def _new_run(opts, *, alpha, resolution, activation, dropout, init, out, dev, ctx):
+    """The Trainer of a new run, its folder made (by rank 0) and described."""
     import dataclasses
 
     from mobilenet_fn import data as data_lib
     from mobilenet_fn import distributed
-    from mobilenet_fn.model import Config, resolution_for_rho
-    from mobilenet_fn.train import TrainOptions, Trainer, default_run_dir, write_json
+    from mobilenet_fn.model import Config
+    from mobilenet_fn.train import Trainer, default_run_dir, write_json
 
-    if resume is not None:
-        return _resume(resume, epochs, dev, ctx)
-    else:
-        if rho is not None:
-            resolution = resolution_for_rho(rho)
-        opts = TrainOptions(
-            data=data, epochs=15 if epochs is None else epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
-            warmup_epochs=warmup_epochs, weight_decay=weight_decay, label_smoothing=label_smoothing, augment=augment,
-            compile=compile, channels_last=channels_last, amp=amp, seed=seed, workers=workers, val_split=val_split,
-            device=str(dev), freeze_backbone=freeze_backbone, init_weights=str(init) if init else None,
-            sync_bn=sync_bn,
-        )
-        if freeze_backbone and init is None:
-            raise UserError("--freeze-backbone needs --init weights.pkl (a backbone worth keeping)")
-        start = _load_init(init, alpha=alpha, activation=activation) if init else None
-        if start is not None and resolution is None:
-            resolution = start.preprocess["resolution"] if data not in data_lib.DEFAULT_RESOLUTION else None
-        with err.status("Loading data…"):
-            dataset = data_lib.load(data, resolution=resolution, val_split=val_split, seed=seed)
-        base = start.config if start else Config(alpha=0.5 if alpha is None else alpha, activation=activation or "relu")
-        cfg = dataclasses.replace(base, resolution=dataset.preprocess["resolution"],
-                                  num_classes=len(dataset.classes), dropout=dropout)
-        trainer = Trainer(cfg, opts, dataset, Path(), dev, dist=ctx)
-        if start is not None:
-            trainer.start_fresh(*_head_for(start, cfg, seed))
+    if opts.freeze_backbone and init is None:
+        raise UserError("--freeze-backbone needs --init weights.pkl (a backbone worth keeping)")
+    start = _load_init(init, alpha=alpha, activation=activation) if init else None
+    if start is not None and resolution is None and opts.data not in data_lib.DEFAULT_RESOLUTION:
+        resolution = start.preprocess["resolution"]
+    with err.status("Loading data…"):
+        dataset = data_lib.load(opts.data, resolution=resolution, val_split=opts.val_split, seed=opts.seed)
+    base = start.config if start else Config(alpha=0.5 if alpha is None else alpha, activation=activation or "relu")
+    cfg = dataclasses.replace(base, resolution=dataset.preprocess["resolution"], num_classes=len(dataset.classes),
+                              dropout=dropout)
+    trainer = Trainer(cfg, opts, dataset, Path(), dev, dist=ctx)
+    trainer.start_fresh(*(_head_for(start, cfg, opts.seed) if start else ()))
+    # Rank 0 picks and makes the run folder; the others learn it from rank 0 (or that it was refused).
+    run_dir, problem = out, None
+    if ctx.main:
+        run_dir = out or default_run_dir(opts.data, cfg)
+        if run_dir.exists():
+            problem = f"{run_dir} already exists; continue it with --resume {run_dir}, or pick another --out"
         else:
-            trainer.start_fresh()
-        # Rank 0 picks and makes the run folder; the others learn it from rank 0 (or that it was refused).
-        problem = None
-        if ctx.main:
-            run_dir = out or default_run_dir(data, cfg)
-            if run_dir.exists():
-                problem = f"{run_dir} already exists; continue it with --resume {run_dir}, or pick another --out"
-            else:
-                run_dir.mkdir(parents=True)
-                write_json(run_dir / "config.json", {"model": cfg.to_dict(), "train": dataclasses.asdict(opts),
-                                                     "classes": dataset.classes, "preprocess": dataset.preprocess})
-                write_json(run_dir / "split.json", {"data": data, **dataset.split})
-        run_dir, problem = distributed.broadcast_object((str(run_dir) if ctx.main else None, problem), ctx)
-        if problem:
-            raise UserError(problem)
-        trainer.out = Path(run_dir)
-        return trainer
-
-
-def _device(name: str):
-    from .common import pick_device
-
-    return pick_device(name)
+            run_dir.mkdir(parents=True)
+            write_json(run_dir / "config.json", {"model": cfg.to_dict(), "train": dataclasses.asdict(opts),
+                                                 "classes": dataset.classes, "preprocess": dataset.preprocess})
+            write_json(run_dir / "split.json", {"data": opts.data, **dataset.split})
+    run_dir, problem = distributed.broadcast_object((str(run_dir), problem), ctx)
+    if problem:
+        raise UserError(problem)
+    trainer.out = Path(run_dir)
+    return trainer
 
 
 def _load_init(path: Path, *, alpha: float, activation: str):
@@ -180,7 +172,7 @@ def _launch(nproc: int) -> None:
              f"The last checkpoint is intact: continue with --resume", code=1)
 
 
-def _resume(run_dir: Path, epochs: int, dev, ctx):
+def _resume(run_dir: Path, epochs: int | None, dev, ctx):
     import dataclasses
 
     from mobilenet_fn import data as data_lib

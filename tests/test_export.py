@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from mobilenet_fn import Config, apply, load_weights, save_weights
 from mobilenet_fn.cli.main import app
-from mobilenet_fn.convert import export_onnx, fold_batchnorm, folded_apply
+from mobilenet_fn.convert import fold_batchnorm, folded_apply
 from test_weights import make_weights, one_line_error
 
 ort = pytest.importorskip("onnxruntime")
