@@ -23,7 +23,8 @@ def train(
     dropout: Annotated[float, Opt(help="Dropout before the classifier.")] = 0.0,
     device: DEVICE = "auto",
     epochs: Annotated[Optional[int], Opt(help="Epochs to train, default 15 (with --resume: the new total).")] = None,
-    batch_size: Annotated[int, Opt("--batch-size", "-b", help="Images per step (per process).")] = 64,
+    batch_size: Annotated[str, Opt("--batch-size", "-b", help="Images per step (per process), or auto: the "
+                                                              "largest power of two that fits the GPU.")] = "64",
     lr: Annotated[float, Opt(help="Peak learning rate.")] = 0.1,
     optimizer: Annotated[str, Opt(help="sgd (Nesterov momentum), rmsprop (the paper's) or adamw.")] = "sgd",
     schedule: Annotated[str, Opt(help="cosine (with warmup), step or constant.")] = "cosine",
@@ -66,7 +67,7 @@ def train(
             trainer = _resume(resume, epochs, dev, ctx)
         else:
             opts = TrainOptions(
-                data=data, epochs=15 if epochs is None else epochs, batch_size=batch_size, lr=lr,
+                data=data, epochs=15 if epochs is None else epochs, batch_size=_batch_size(batch_size, dev), lr=lr,
                 optimizer=optimizer, schedule=schedule, warmup_epochs=warmup_epochs, weight_decay=weight_decay,
                 label_smoothing=label_smoothing, augment=augment, compile=compile, channels_last=channels_last,
                 amp=amp, seed=seed, workers=workers, val_split=val_split, device=str(dev),
@@ -74,14 +75,25 @@ def train(
             )
             if rho is not None:
                 resolution = resolution_for_rho(rho)
-            trainer = _new_run(opts, alpha=alpha, resolution=resolution, activation=activation, dropout=dropout,
+            trainer = _new_run(opts, auto_batch=batch_size == "auto", alpha=alpha, resolution=resolution, activation=activation, dropout=dropout,
                                init=init, out=out, dev=dev, ctx=ctx)
         _run(trainer)
     finally:
         distributed.teardown()
 
 
-def _new_run(opts, *, alpha, resolution, activation, dropout, init, out, dev, ctx):
+def _batch_size(text: str, dev) -> int:
+    if text == "auto":
+        if dev.type != "cuda":
+            raise UserError("--batch-size auto measures GPU memory; on the CPU give a number (64 is the default)")
+        return 64  # replaced by the measurement once the model is known
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"--batch-size must be a whole number or auto, got {text!r}") from None
+
+
+def _new_run(opts, *, auto_batch, alpha, resolution, activation, dropout, init, out, dev, ctx):
     """The Trainer of a new run, its folder made (by rank 0) and described."""
     import dataclasses
 
@@ -100,6 +112,15 @@ def _new_run(opts, *, alpha, resolution, activation, dropout, init, out, dev, ct
     base = start.config if start else Config(alpha=0.5 if alpha is None else alpha, activation=activation or "relu")
     cfg = dataclasses.replace(base, resolution=dataset.preprocess["resolution"], num_classes=len(dataset.classes),
                               dropout=dropout)
+    if auto_batch:
+        from mobilenet_fn.train import largest_batch
+
+        with err.status("Finding the largest batch that fits…"):
+            batch, peaks = largest_batch(cfg, opts, dev)
+        for b, peak in peaks.items():
+            err.print(f"  batch {b}: peak memory {peak / 2**30:.2f} GiB")
+        opts = dataclasses.replace(opts, batch_size=distributed.broadcast_object(batch, ctx))
+        err.print(f"--batch-size auto: {batch}")
     trainer = Trainer(cfg, opts, dataset, Path(), dev, dist=ctx)
     trainer.start_fresh(*(_head_for(start, cfg, opts.seed) if start else ()))
     # Rank 0 picks and makes the run folder; the others learn it from rank 0 (or that it was refused).

@@ -105,6 +105,36 @@ def autocast_dtype(opts: TrainOptions, device: torch.device) -> torch.dtype | No
     return None
 
 
+def largest_batch(cfg: Config, opts: TrainOptions, device: torch.device, *, start: int = 32,
+                  limit: int = 8192) -> tuple[int, dict[int, int]]:
+    """The largest power-of-two batch whose training step fits in the GPU's memory, and the peak memory (bytes)
+    of each batch size tried. Probes with the eager step (which needs at least the compiled step's memory)."""
+    params, state = init(cfg)
+    params, state = to_device(params, device), to_device(state, device)
+    optimizer = make_optimizer(opts.optimizer, weight_decay=opts.weight_decay, momentum=opts.momentum)
+    step = make_step(cfg, optimizer, amp_dtype=autocast_dtype(opts, device), for_compile=False)
+    mem = torch.channels_last if use_channels_last(opts, device) else torch.contiguous_format
+    peaks: dict[int, int] = {}
+    best, batch = 0, start
+    while batch <= limit:
+        try:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            x = torch.randn(batch, 3, cfg.resolution, cfg.resolution, device=device).contiguous(memory_format=mem)
+            y = torch.randint(0, cfg.num_classes, (batch,), device=device)
+            out = step(params, state, optimizer.init(params), (x, y), torch.tensor(0.0, device=device))
+            torch.cuda.synchronize(device)
+            peaks[batch] = torch.cuda.max_memory_allocated(device)
+            del x, y, out
+            best, batch = batch, batch * 2
+        except torch.OutOfMemoryError:
+            break
+    torch.cuda.empty_cache()
+    if not best:
+        raise ValueError(f"a batch of {start} does not fit in the GPU's memory; pass a smaller --batch-size")
+    return best, peaks
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The step
 
