@@ -90,9 +90,16 @@ COMPILE_BACKEND = "inductor"  # tests swap in a counting backend
 # Per-device choices. Fixed rules taken from bench/throughput.py, not measured at run time.
 
 
-def use_compile(opts: TrainOptions, device: torch.device) -> bool:
-    # CPU: the compiled step was slower than eager on 2 cores (bench/throughput.py); CUDA: compiled is faster.
-    return opts.compile == "on" or (opts.compile == "auto" and device.type == "cuda")
+# Below this input size the compiled step gained little on a 2-core CPU (1.05x at 32 px against 1.18x at 128 px,
+# bench/throughput.py), less than the minute or two its compilation costs in a short run.
+CPU_COMPILE_MIN_RESOLUTION = 64
+
+
+def use_compile(opts: TrainOptions, device: torch.device, resolution: int = 224) -> bool:
+    """--compile auto: always on CUDA; on the CPU from 64 px up (bench/throughput.py)."""
+    if opts.compile != "auto":
+        return opts.compile == "on"
+    return device.type == "cuda" or (device.type == "cpu" and resolution >= CPU_COMPILE_MIN_RESOLUTION)
 
 
 def use_channels_last(opts: TrainOptions, device: torch.device) -> bool:
@@ -279,7 +286,7 @@ class Trainer:
         self.bn_reduce = distributed.reduce_sum if self.dist.active and self.opts.sync_bn else None
         self.channels_last = use_channels_last(self.opts, self.device)
         self.amp = autocast_dtype(self.opts, self.device)
-        self.compiled = use_compile(self.opts, self.device) and self.bn_reduce is None
+        self.compiled = use_compile(self.opts, self.device, self.cfg.resolution) and self.bn_reduce is None
         self.best_weights = None  # (params, state) on the CPU, of the best epoch
         self.optimizer = make_optimizer(self.opts.optimizer, weight_decay=self.opts.weight_decay,
                                         momentum=self.opts.momentum)
