@@ -250,4 +250,6 @@ def _run(trainer) -> None:
     if "test_top1" in metrics[-1]:
         line += f", test top-1 {100 * metrics[-1]['test_top1']:.2f}%"
     err.print(f"{line}. Weights: {run_dir / 'weights.pkl'}")
+    if trainer.skipped:
+        err.print(f"Skipped {len(trainer.skipped)} unreadable image(s), e.g. {sorted(trainer.skipped)[0]}")
     err.print(f"Evaluate with: mobilenet-fn eval {run_dir / 'weights.pkl'}")

@@ -312,8 +312,7 @@ class Trainer:
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {
-            "format": "mobilenet-fn-checkpoint/1",
+        return {  # save_checkpoint adds the format
             "config": self.cfg.to_dict(),
             "params": to_device(self.params, "cpu"),
             "state": to_device(self.state, "cpu"),
@@ -418,6 +417,7 @@ class Trainer:
             self.epoch += 1
             self.batch_in_epoch = 0
             val = self.validate(self.dataset.val)
+            self.skipped.update(val["skipped"])
             metrics = {
                 "epoch": self.epoch,
                 "train_loss": train_loss,
@@ -429,6 +429,7 @@ class Trainer:
                 "img_per_s": seen / max(train_seconds, 1e-9),
                 "seconds": time.perf_counter() - t0,
                 "data_wait": waited / max(train_seconds, 1e-9),
+                "skipped_files": len(self.skipped),
                 "step": self.global_step,
             }
             improved = self.best is None or (val["top1"], -val["loss"]) > (self.best["val_top1"], -self.best["val_loss"])

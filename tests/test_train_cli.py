@@ -148,6 +148,8 @@ def test_folder_with_corrupt_images_trains_and_records_the_split(tmp_path):
     result = train("--data", root, "--resolution", "32", "--batch-size", "8", "--epochs", "1",
                    "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output
+    assert "Skipped 1 unreadable image" in result.output
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["skipped_files"] == 1
     split = json.loads((tmp_path / "run" / "split.json").read_text())
     assert split["kind"] == "split" and len(split["val"]) == 2 * 4 + 0  # 20% of 20 (+ the broken file: 21)
     w = load_weights(tmp_path / "run" / "weights.pkl")
