@@ -75,7 +75,8 @@ def train(
             )
             if rho is not None:
                 resolution = resolution_for_rho(rho)
-            trainer = _new_run(opts, auto_batch=batch_size == "auto", alpha=alpha, resolution=resolution, activation=activation, dropout=dropout,
+            trainer = _new_run(opts, auto_batch=batch_size == "auto", alpha=alpha, resolution=resolution,
+                               activation=activation, dropout=dropout,
                                init=init, out=out, dev=dev, ctx=ctx)
         _run(trainer)
     finally:

@@ -372,7 +372,9 @@ def random_resized_crop(x: torch.Tensor, size: int, generator: torch.Generator, 
     h = (area / ratio).sqrt().clamp(max=1.0)
     cx = (torch.rand(n, device=dev, generator=generator) * 2 - 1) * (1 - w)
     cy = (torch.rand(n, device=dev, generator=generator) * 2 - 1) * (1 - h)
-    sign = torch.where(torch.rand(n, device=dev, generator=generator) < 0.5, -1.0, 1.0) if flip else torch.ones(n, device=dev)
+    sign = torch.ones(n, device=dev)
+    if flip:
+        sign = torch.where(torch.rand(n, device=dev, generator=generator) < 0.5, -1.0, 1.0)
     theta = torch.zeros(n, 2, 3, device=dev)
     theta[:, 0, 0], theta[:, 0, 2] = w * sign, cx
     theta[:, 1, 1], theta[:, 1, 2] = h, cy
@@ -397,7 +399,8 @@ def _file_transform(preprocess: dict, train: bool, augment: bool):
     from torchvision.transforms import v2
 
     r = preprocess["resolution"]
-    interp = v2.InterpolationMode.BICUBIC if preprocess.get("interpolation") == "bicubic" else v2.InterpolationMode.BILINEAR
+    bicubic = preprocess.get("interpolation") == "bicubic"
+    interp = v2.InterpolationMode.BICUBIC if bicubic else v2.InterpolationMode.BILINEAR
     if train and augment:
         ops = [v2.RandomResizedCrop(r, scale=CROP_SCALE, ratio=CROP_RATIO, interpolation=interp, antialias=True),
                v2.RandomHorizontalFlip()]

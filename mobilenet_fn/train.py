@@ -129,10 +129,10 @@ def largest_batch(cfg: Config, opts: TrainOptions, device: torch.device, *, star
             torch.cuda.reset_peak_memory_stats(device)
             x = torch.randn(batch, 3, cfg.resolution, cfg.resolution, device=device).contiguous(memory_format=mem)
             y = torch.randint(0, cfg.num_classes, (batch,), device=device)
-            out = step(params, state, optimizer.init(params), (x, y), torch.tensor(0.0, device=device))
+            step(params, state, optimizer.init(params), (x, y), torch.tensor(0.0, device=device))
             torch.cuda.synchronize(device)
             peaks[batch] = torch.cuda.max_memory_allocated(device)
-            del x, y, out
+            del x, y
             best, batch = batch, batch * 2
         except torch.OutOfMemoryError:
             break
