@@ -239,14 +239,14 @@ def _load_images(source: FileSource) -> tuple[TensorSource, list[str]]:
             skipped.append(path)
     if not images:
         raise DataError("no readable images")
-    gray = all(im.mode == "L" for im in images)
     sizes = {im.size for im in images}
     if len(sizes) != 1:
         raise DataError(f"images in memory must share one size, found {sorted(sizes)[:3]}")
-    tensors = [torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8) for im in images]
+    mode = "L" if all(im.mode == "L" for im in images) else "RGB"
     w, h = images[0].size
-    c = 1 if gray else 3
-    stack = torch.stack([t.reshape(h, w, -1)[..., :c] if not gray else t.reshape(h, w, 1) for t in tensors])
+    stack = torch.stack([
+        torch.frombuffer(bytearray(im.convert(mode).tobytes()), dtype=torch.uint8).reshape(h, w, -1) for im in images
+    ])  # (N, H, W, C)
     return TensorSource(stack.permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)), skipped
 
 
