@@ -292,7 +292,19 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def measure(builders, dev: torch.device, case: Case, args: SimpleNamespace) -> list[Contender]:
+def machine_busy_s() -> float | None:
+    """CPU seconds the whole machine has spent busy (all cores, all processes), from /proc/stat."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    busy = sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def measure(builders, dev: torch.device, case: Case, args: SimpleNamespace) -> tuple[list[Contender], float | None]:
+    """Builds, warms up and times the contenders; also returns the share of the machine's CPU that other
+    processes used during the timed rounds (a busy machine makes the numbers unreliable)."""
     contenders = []
     for name, build in builders:
         if dev.type == "cuda":
@@ -312,6 +324,7 @@ def measure(builders, dev: torch.device, case: Case, args: SimpleNamespace) -> l
             c.peak_mib = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
         log(f"  {dev.type} {case}: {name}: first call {c.first_s:.1f} s")
         contenders.append(c)
+    busy0, own0, wall0 = machine_busy_s(), time.process_time(), time.perf_counter()
     for r in range(args.rounds):
         k = r % len(contenders)
         for c in contenders[k:] + contenders[:k]:
@@ -325,10 +338,15 @@ def measure(builders, dev: torch.device, case: Case, args: SimpleNamespace) -> l
         loss = getattr(c.run, "last_loss", None)
         if loss is not None and not torch.isfinite(torch.tensor(loss(), dtype=torch.float64)):
             log(f"  warning: {c.name}: the loss became non-finite; its timing may not be representative")
-    return contenders
+    busy1, own1, wall1 = machine_busy_s(), time.process_time(), time.perf_counter()
+    others = None
+    if busy0 is not None and busy1 is not None:
+        others = max(0.0, (busy1 - busy0) - (own1 - own0)) / ((wall1 - wall0) * (os.cpu_count() or 1))
+    return contenders, others
 
 
-def results_of(contenders: list[Contender], dev: torch.device, case: Case, args: SimpleNamespace) -> list[dict]:
+def results_of(contenders: list[Contender], others: float | None, dev: torch.device, case: Case,
+               args: SimpleNamespace) -> list[dict]:
     rows = []
     rates = {}
     for c in contenders:
@@ -339,7 +357,8 @@ def results_of(contenders: list[Contender], dev: torch.device, case: Case, args:
             "device": dev.type, "case": str(case), "kind": case.kind, "resolution": case.resolution,
             "batch": case.batch, "contender": c.name, "ours": c.ours, "img_per_s": med,
             "ms_per_step": 1000 * case.batch / med, "spread": (max(per_round) - min(per_round)) / med,
-            "first_call_s": c.first_s, "peak_mib": c.peak_mib, "rounds_img_per_s": per_round, "ratios": {},
+            "first_call_s": c.first_s, "peak_mib": c.peak_mib, "other_cpu": others,
+            "rounds_img_per_s": per_round, "ratios": {},
         })
     for row, c in zip(rows, contenders):
         if not c.ours:
@@ -381,13 +400,14 @@ def machine_info(devices: list[torch.device]) -> dict:
 
 
 def table(rows: list[dict], show_peak: bool) -> str:
-    headers = ["device", "case", "contender", "img/s", "ms/step", "±", "1st call s"]
+    headers = ["device", "case", "contender", "img/s", "ms/step", "±", "others", "1st call s"]
     headers += ["peak MiB"] if show_peak else []
     headers += [h for h, _ in BASELINES]
     lines = []
     for r in rows:
         cells = [r["device"], r["case"], r["contender"], f"{r['img_per_s']:.1f}", f"{r['ms_per_step']:.1f}",
-                 f"{100 * r['spread']:.0f}%", f"{r['first_call_s']:.1f}"]
+                 f"{100 * r['spread']:.0f}%", "?" if r["other_cpu"] is None else f"{100 * r['other_cpu']:.0f}%",
+                 f"{r['first_call_s']:.1f}"]
         if show_peak:
             cells.append("—" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}")
         cells += [f"{r['ratios'][tag]:.2f}×" if tag in r["ratios"] else ("—" if r["ours"] else "")
@@ -529,7 +549,7 @@ def bench(args) -> None:
             builders = (train_contenders if case.kind == "train" else infer_contenders)(cfg, args, dev, case)
             torch.manual_seed(0)
             n = counts(args, dev)
-            rows += results_of(measure(builders, dev, case, n), dev, case, n)
+            rows += results_of(*measure(builders, dev, case, n), dev, case, n)
             if args.json:  # after every case, so a run cut short still leaves what it measured
                 write_json(args.json, info, settings, rows, time.perf_counter() - started)
     total = time.perf_counter() - started
@@ -538,6 +558,7 @@ def bench(args) -> None:
     print(table(rows, show_peak=any(d.type == "cuda" for d in devices)))
     print()
     print("img/s: median over rounds; ±: (max - min) / median of the rounds; CL: channels-last;\n"
+          "others: the share of the machine's CPU used by other processes during the case's timed rounds;\n"
           "1st call: compilation included (cold unless --warm-cache), not counted in img/s;\n"
           "÷ columns: a mobilenet-fn row's img/s over that timm row's (inference: the timm row of the same "
           "grad mode).")
