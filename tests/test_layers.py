@@ -21,6 +21,33 @@ def test_pointwise_matches_1x1_conv2d():
     torch.testing.assert_close(layers.pointwise_apply(params, x), ref(x), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("size", [1, 2, 3, 8])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("stride,padding", [(1, "torch"), (2, "torch"), (1, "tf"), (2, "tf")])
+def test_separable_layers_match_conv2d_with_bias_in_value_gradient_and_layout(size, channels_last, stride, padding):
+    # Small maps take other paths (the centre tap on 1x1, a matrix product on <= 2x2): each must equal nn.Conv2d.
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(3, 8, size, size, dtype=torch.float64).contiguous(memory_format=fmt)
+    dw_ref = nn.Conv2d(8, 8, 3, stride=stride, groups=8).double()
+    pw_ref = nn.Conv2d(8, 5, 1).double()
+    dw = {"weight": dw_ref.weight.detach()[:, 0].clone().requires_grad_(), "bias": dw_ref.bias.detach().clone()}
+    pw = {"weight": pw_ref.weight.detach()[:, :, 0, 0].clone().requires_grad_(), "bias": pw_ref.bias.detach().clone()}
+    xr = x.detach().requires_grad_()
+    xo = x.detach().requires_grad_()
+    left, right = layers.same_padding(size, 3, stride) if padding == "tf" else (1, 1)
+    ref = pw_ref(dw_ref(nn.functional.pad(xr, (left, right, left, right))))
+    out = layers.pointwise_apply(pw, layers.depthwise_apply(dw, xo, stride=stride, padding=padding))
+    torch.testing.assert_close(out, ref)
+    if channels_last:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    out.backward(grad)
+    torch.testing.assert_close(xo.grad, xr.grad)
+    torch.testing.assert_close(dw["weight"].grad, dw_ref.weight.grad[:, 0])
+    torch.testing.assert_close(pw["weight"].grad, pw_ref.weight.grad[:, :, 0, 0])
+
+
 def test_conv_matches_conv2d():
     ref = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
     params = {"weight": ref.weight.detach().clone()}
