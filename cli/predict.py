@@ -65,14 +65,14 @@ def predict(
     from PIL import Image
     from torch.utils._pytree import tree_map
 
-    from mobilenet_fn import apply
+    from mobilenet_fn.convert import fold_batchnorm, folded_apply
     from mobilenet_fn.weights import load_weights
 
     w = load_weights(weights)
     if w.config.in_channels != 3:
         raise UserError(f"{weights}: the model takes {w.config.in_channels} channels; predict reads RGB images")
     dev = pick_device(device)
-    params, state = tree_map(lambda t: t.to(dev), (w.params, w.state))
+    folded = fold_batchnorm(w.config, *tree_map(lambda t: t.to(dev), (w.params, w.state)))
     files = image_files(images)
     readable, skipped = [], []
     for path in files:
@@ -87,9 +87,9 @@ def predict(
     predictions = []
     for start in range(0, len(readable), BATCH):
         chunk = readable[start: start + BATCH]
-        x = torch.stack([t for _, t in chunk]).to(dev)
+        x = torch.stack([t for _, t in chunk]).to(dev).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            probs = apply(w.config, params, state, x, train=False)[0].softmax(-1).cpu()
+            probs = folded_apply(w.config, folded, x).softmax(-1).cpu()
         predictions += [{"path": str(p), "top": top_k(pr, top, w.classes)} for (p, _), pr in zip(chunk, probs)]
     if json:
         print_json({"predictions": predictions, "skipped": skipped})

@@ -8,6 +8,7 @@ packages (safetensors, huggingface_hub, onnx, onnxscript, onnxruntime) are impor
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -408,19 +409,14 @@ def fold_batchnorm(cfg: Config, params: dict, state: dict) -> dict:
 
 def folded_apply(cfg: Config, folded: dict, x: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) -> (N, num_classes) logits of a ``fold_batchnorm`` tree; equals ``apply`` in eval."""
-    act = layers.ACTIVATIONS[cfg.activation]
-
-    def biased(y: torch.Tensor, conv: dict) -> torch.Tensor:
-        return act(y + rearrange(conv["bias"], "c -> 1 c 1 1"))
-
-    stem = folded["stem"]["conv"]
-    x = biased(layers.conv_apply(stem, x, stride=STEM[0], padding=cfg.padding), stem)
+    act = functools.partial(layers.ACTIVATIONS[cfg.activation], inplace=True)  # on each conv's fresh output
+    x = act(layers.conv_apply(folded["stem"]["conv"], x, stride=STEM[0], padding=cfg.padding))
     for (stride, _, _), p in zip(cfg.blocks(), folded["blocks"]):
         if cfg.full_conv:
-            x = biased(layers.conv_apply(p["conv"], x, stride=stride, padding=cfg.padding), p["conv"])
+            x = act(layers.conv_apply(p["conv"], x, stride=stride, padding=cfg.padding))
         else:
-            x = biased(layers.depthwise_apply(p["dw"], x, stride=stride, padding=cfg.padding), p["dw"])
-            x = biased(layers.pointwise_apply(p["pw"], x), p["pw"])
+            x = act(layers.depthwise_apply(p["dw"], x, stride=stride, padding=cfg.padding))
+            x = act(layers.pointwise_apply(p["pw"], x))
     return layers.linear_apply(folded["fc"], x.mean((2, 3)))
 
 
