@@ -44,7 +44,7 @@ class TrainOptions:
     momentum: float = 0.9
     label_smoothing: float = 0.1
     augment: str = "crop-flip"  # or "none"
-    compile: str = "auto"  # auto | on | off
+    compile: str = "auto"  # auto | on | cudagraphs | off
     channels_last: str = "auto"  # auto | on | off
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
     seed: int = 0
@@ -73,9 +73,12 @@ class TrainOptions:
             problems.append(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.augment not in ("crop-flip", "none"):
             problems.append(f"--augment must be crop-flip or none, got {self.augment!r}")
-        for name in ("compile", "channels_last"):
-            if getattr(self, name) not in ("auto", "on", "off"):
-                problems.append(f"--{name.replace('_', '-')} must be auto, on or off, got {getattr(self, name)!r}")
+        if self.compile not in ("auto", "on", "cudagraphs", "off"):
+            problems.append(f"--compile must be auto, on, cudagraphs or off, got {self.compile!r}")
+        if self.compile == "cudagraphs" and not self.device.startswith("cuda"):
+            problems.append("--compile cudagraphs needs a CUDA device (--device cuda)")
+        if self.channels_last not in ("auto", "on", "off"):
+            problems.append(f"--channels-last must be auto, on or off, got {self.channels_last!r}")
         if self.amp not in ("auto", "bf16", "off"):
             problems.append(f"--amp must be auto, bf16 or off, got {self.amp!r}")
         if self.workers < 0:
@@ -90,16 +93,50 @@ COMPILE_BACKEND = "inductor"  # tests swap in a counting backend
 # Per-device choices. Fixed rules taken from bench/throughput.py, not measured at run time.
 
 
-# Below this input size the compiled step gained little on a 2-core CPU (1.05x at 32 px against 1.18x at 128 px,
-# bench/throughput.py), less than the minute or two its compilation costs in a short run.
-CPU_COMPILE_MIN_RESOLUTION = 64
+# On the CPU the compiled step ran 1.15-1.3x as fast as the eager one (bench/throughput.py, 32 to 128 px) but takes a
+# minute or two to compile on 2 cores: worth it from about this much training in a run, counted in 32 x 32 images
+# (the step's cost grows with the pixels). A Fashion-MNIST run of 20 epochs is 960,000; `make train`, 60,000.
+CPU_COMPILE_MIN_WORK = 500_000
 
 
-def use_compile(opts: TrainOptions, device: torch.device, resolution: int = 224) -> bool:
-    """--compile auto: always on CUDA; on the CPU from 64 px up (bench/throughput.py)."""
+def use_compile(opts: TrainOptions, device: torch.device, resolution: int = 224, images: int | None = None) -> bool:
+    """--compile auto: always on CUDA; on the CPU when the run (``images`` trained on in all, None for a long run)
+    is long enough to repay the compilation."""
     if opts.compile != "auto":
-        return opts.compile == "on"
-    return device.type == "cuda" or (device.type == "cpu" and resolution >= CPU_COMPILE_MIN_RESOLUTION)
+        return opts.compile != "off"
+    if device.type != "cpu":
+        return device.type == "cuda"
+    return images is None or images * (resolution / 32) ** 2 >= CPU_COMPILE_MIN_WORK
+
+
+# CUDA graphs replay a whole step as one launch. On an H100 (bench/throughput.py) they made the step 2.4x as fast
+# at 32 px x 256, launch-bound at 19 ms a step for 8 ms of GPU work, and 0.96x at 224 px x 256 (GPU-bound,
+# 22 ms): they pay while a step holds few pixels.
+CUDA_GRAPHS_MAX_PIXELS = 4_000_000  # batch x height x width: 128 px x 256, or 224 px x 80
+
+
+def use_cuda_graphs(opts: TrainOptions, device: torch.device, resolution: int = 224, batch: int = 256) -> bool:
+    """Whether the compiled step replays as CUDA graphs (torch.compile's "reduce-overhead"): --compile cudagraphs,
+    or auto on CUDA for steps of up to ``CUDA_GRAPHS_MAX_PIXELS``."""
+    if opts.compile != "auto":
+        return opts.compile == "cudagraphs"
+    return device.type == "cuda" and batch * resolution**2 <= CUDA_GRAPHS_MAX_PIXELS
+
+
+def compile_step(step: Callable, cuda_graphs: bool = False) -> Callable:
+    """``torch.compile(step, fullgraph=True)``. With CUDA graphs each call is marked as a new iteration and its
+    outputs are copied out of the graphs' memory pool, which the next replay overwrites: the caller may keep them
+    (a checkpoint, the best weights) and pass them back in. The copies are of parameter size, not activations."""
+    compiled = torch.compile(step, fullgraph=True, backend=COMPILE_BACKEND,
+                             mode="reduce-overhead" if cuda_graphs else None)
+    if not cuda_graphs:
+        return compiled
+
+    def replay(*args):
+        torch.compiler.cudagraph_mark_step_begin()
+        return tree_map(torch.clone, compiled(*args))
+
+    return replay
 
 
 def use_channels_last(opts: TrainOptions, device: torch.device) -> bool:
@@ -261,6 +298,7 @@ class StartEvent:
     channels_last: bool
     amp: str | None
     skipped_files: int = 0
+    cuda_graphs: bool = False
 
 
 @dataclass
@@ -286,7 +324,6 @@ class Trainer:
         self.bn_reduce = distributed.reduce_sum if self.dist.active and self.opts.sync_bn else None
         self.channels_last = use_channels_last(self.opts, self.device)
         self.amp = autocast_dtype(self.opts, self.device)
-        self.compiled = use_compile(self.opts, self.device, self.cfg.resolution) and self.bn_reduce is None
         self.best_weights = None  # (params, state) on the CPU, of the best epoch
         self.optimizer = make_optimizer(self.opts.optimizer, weight_decay=self.opts.weight_decay,
                                         momentum=self.opts.momentum)
@@ -296,6 +333,11 @@ class Trainer:
             raise ValueError(f"--batch-size {self.opts.batch_size} is larger than the training set "
                              f"({len(self.dataset.train)} images); use a smaller one")
         total = self.batches * self.opts.epochs
+        self.compiled = (use_compile(self.opts, self.device, self.cfg.resolution, total * self.opts.batch_size)
+                         and self.bn_reduce is None)
+        # Collectives inside CUDA graphs need NCCL set up for it: the distributed step replays no graphs.
+        self.cuda_graphs = (self.compiled and not self.dist.active
+                            and use_cuda_graphs(self.opts, self.device, self.cfg.resolution, self.opts.batch_size))
         self.schedule = make_schedule(self.opts.schedule, self.opts.lr, total,
                                       warmup_steps=round(self.opts.warmup_epochs * self.batches))
         self.skipped: set[str] = set(self.dataset.skipped)
@@ -354,9 +396,7 @@ class Trainer:
         step = make_step(self.cfg, self.optimizer, label_smoothing=self.opts.label_smoothing, amp_dtype=self.amp,
                          reduce_grads=self.reduce_grads, head_only=self.opts.freeze_backbone,
                          for_compile=self.compiled, bn_reduce=self.bn_reduce)
-        if self.compiled:
-            step = torch.compile(step, fullgraph=True, backend=COMPILE_BACKEND)
-        return step
+        return compile_step(step, self.cuda_graphs) if self.compiled else step
 
     def run(self) -> Iterator:
         """Trains from ``self.epoch``/``self.batch_in_epoch`` to ``opts.epochs``, yielding events."""
@@ -364,7 +404,7 @@ class Trainer:
         opts = self.opts
         yield StartEvent(self.epoch, opts.epochs, self.batches, str(self.device), self.compiled,
                          self.channels_last, str(self.amp).replace("torch.", "") if self.amp else None,
-                         len(self.skipped))
+                         len(self.skipped), self.cuda_graphs)
         while self.epoch < opts.epochs:
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), device=self.device)

@@ -3,13 +3,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from conftest import assert_trees_close, randomize_batchnorm
 from mobilenet_fn import Config, apply, init
 from mobilenet_fn.convert import from_timm
 from mobilenet_fn.optim import Optimizer, adamw, decay_mask, make_schedule, rmsprop, sgd
-from mobilenet_fn.train import make_step
+from mobilenet_fn.train import TrainOptions, compile_step, make_step, use_compile, use_cuda_graphs
 
 # An "optimizer" whose update returns the gradients as the new params: the step then hands back its gradients.
 GRADS_OUT = Optimizer(init=lambda p: {}, update=lambda g, s, p, lr: (g, s))
@@ -96,6 +96,33 @@ def test_adamw_matches_torch_optim_without_decay():
     _torch_optimizer_matches(adamw(), lambda ps: torch.optim.AdamW(ps, lr=0.05, weight_decay=0.0))
 
 
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_optimizers_match_torch_optim_with_masked_weight_decay_on_a_whole_model(name):
+    # Every leaf of a real tree, decayed or not (torch.optim with two parameter groups), over three steps.
+    params, _ = init(Config(alpha=0.25, num_classes=3), torch.Generator().manual_seed(0))
+    leaves, spec = tree_flatten(params)
+    mask = tree_leaves(decay_mask(params))
+    refs = [torch.nn.Parameter(t.clone()) for t in leaves]
+    groups = [{"params": [r for r, m in zip(refs, mask) if m], "weight_decay": 0.01},
+              {"params": [r for r, m in zip(refs, mask) if not m], "weight_decay": 0.0}]
+    if name == "sgd":
+        ours, ref = sgd(momentum=0.9, nesterov=True, weight_decay=0.01), torch.optim.SGD(
+            groups, lr=0.05, momentum=0.9, nesterov=True)
+    else:
+        ours, ref = adamw(weight_decay=0.01), torch.optim.AdamW(groups, lr=0.05)
+    opt_state = ours.init(params)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        grads = [torch.randn(t.shape, generator=g) for t in leaves]
+        params, opt_state = ours.update(tree_unflatten(grads, spec), opt_state, params, torch.tensor(0.05))
+        for r, grad in zip(refs, grads):
+            r.grad = grad.clone()
+        ref.step()
+    for mine, r in zip(tree_leaves(params), refs):
+        torch.testing.assert_close(mine, r.detach())
+        assert mine.is_contiguous()
+
+
 def test_rmsprop_is_tensorflows():
     # TF: ms <- 0.9 ms + 0.1 g^2 (ms starts at 1); mom <- 0.9 mom + lr g / sqrt(ms + eps); p <- p - mom
     p, g = {"w": torch.tensor([1.0])}, {"w": torch.tensor([2.0])}
@@ -148,3 +175,27 @@ def test_eager_autograd_step_equals_the_torch_func_step(head_only):
     assert_trees_close(a, b, atol=1e-6, rtol=1e-5)
     if head_only:
         assert torch.equal(a[0]["blocks"][0]["pw"]["weight"], params["blocks"][0]["pw"]["weight"])
+
+
+def test_auto_compile_and_cuda_graphs_follow_the_measured_rules():
+    auto, cpu, cuda = TrainOptions(), torch.device("cpu"), torch.device("cuda")
+    assert not use_compile(auto, cpu, 32, images=15 * 4000)  # `make train`: compiling would cost more than it saves
+    assert use_compile(auto, cpu, 32, images=20 * 48000)  # 20 epochs of Fashion-MNIST
+    assert use_compile(auto, cpu, 128, images=15 * 4000)  # 16x the work per image
+    assert use_compile(auto, cuda, 32, images=1000) and not use_compile(TrainOptions(compile="off"), cuda, 224)
+    assert use_cuda_graphs(auto, cuda, 32, 256) and not use_cuda_graphs(auto, cuda, 224, 256)
+    assert not use_cuda_graphs(auto, cpu, 32, 256) and not use_cuda_graphs(TrainOptions(compile="on"), cuda, 32, 256)
+    assert use_cuda_graphs(TrainOptions(compile="cudagraphs", device="cuda"), cuda, 224, 256)
+
+
+def test_compiled_step_with_cuda_graphs_can_be_fed_its_own_outputs():
+    # On the CPU torch.compile runs no graphs, but the wrapper (a new iteration per call, outputs copied) runs.
+    def step(p, x):
+        return {"w": p["w"] - 0.1 * x * p["w"]}, (p["w"] * x).sum()
+
+    compiled, p, ref = compile_step(step, cuda_graphs=True), {"w": torch.ones(4)}, {"w": torch.ones(4)}
+    for i in range(3):
+        p, total = compiled(p, torch.full((4,), float(i)))
+        ref, ref_total = step(ref, torch.full((4,), float(i)))
+        torch.testing.assert_close(p["w"], ref["w"])
+        torch.testing.assert_close(total, ref_total)

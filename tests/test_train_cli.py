@@ -125,7 +125,8 @@ def test_bad_data_is_one_line_exit_2(tmp_path, case):
 
 
 @pytest.mark.parametrize("args", [["--batch-size", "1"], ["--lr", "-1"], ["--optimizer", "lion"], ["--alpha", "0"],
-                                  ["--device", "cuda:7"], ["--augment", "lots"]])
+                                  ["--device", "cuda:7"], ["--augment", "lots"],
+                                  ["--compile", "cudagraphs", "--device", "cpu"]])
 def test_bad_options_are_one_line_exit_2(tmp_path, args):
     result = runner.invoke(app, ["train", "--epochs", "1", *args, "--out", str(tmp_path / "run")])
     assert result.exit_code == 2, result.output
