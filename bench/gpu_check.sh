@@ -34,7 +34,7 @@ fi
 tail -1 "$OUT/fm/metrics.jsonl"
 
 echo "== 4. what --batch-size auto finds at α 1, 224 px (peak memory per batch size)"
-timeout 40 python - <<'PY' 2>&1 | quiet
+timeout 60 python - <<'PY' 2>&1 | quiet
 import torch
 from mobilenet_fn import Config
 from mobilenet_fn.train import TrainOptions, largest_batch

@@ -44,7 +44,8 @@ class TrainProgress:
         if not self.enabled:
             return
         if isinstance(event, StartEvent):
-            how = ", ".join(x for x in ("compiled" if event.compiled else "eager", "CUDA graphs" if event.cuda_graphs else None,
+            how = ", ".join(x for x in ("compiled" if event.compiled else "eager",
+                                        "CUDA graphs" if event.cuda_graphs else None,
                                         "channels-last" if event.channels_last else None, event.amp) if x)
             err.print(f"Training on {event.device} ({how}): epochs {event.epoch + 1}-{event.epochs}, "
                       f"{event.batches} steps each")

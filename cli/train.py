@@ -32,8 +32,9 @@ def train(
     weight_decay: Annotated[float, Opt(help="On conv, pointwise and classifier weights only (paper §4).")] = 4e-5,
     label_smoothing: Annotated[float, Opt(help="Label smoothing of the cross-entropy.")] = 0.1,
     augment: Annotated[str, Opt(help="crop-flip (random resized crop + flip) or none.")] = "crop-flip",
-    compile: Annotated[str, Opt(help="torch.compile the step: auto (CUDA, as CUDA graphs; CPU for runs long "
-                                                 "enough to repay compiling), on, cudagraphs, off.")] = "auto",
+    compile: Annotated[str, Opt(help="torch.compile the step: auto (CUDA, as CUDA graphs for small images; "
+                                                 "CPU for runs long enough to repay compiling), on, cudagraphs, "
+                                                 "off.")] = "auto",
     channels_last: Annotated[str, Opt(help="Memory format: auto (on), on, off.")] = "auto",
     amp: Annotated[str, Opt(help="Mixed precision: auto (bf16 on CUDA), bf16, off.")] = "auto",
     seed: Annotated[int, Opt(help="Seed of the initialisation, data order and augmentation.")] = 0,

@@ -95,7 +95,7 @@ COMPILE_BACKEND = "inductor"  # tests swap in a counting backend
 
 # On the CPU the compiled step ran 1.15-1.3x as fast as the eager one (bench/throughput.py, 32 to 128 px) but takes a
 # minute or two to compile on 2 cores: worth it from about this much training in a run, counted in 32 x 32 images
-# (the step's cost grows with the pixels). A Fashion-MNIST run of 20 epochs is 960,000; `make train`, 60,000.
+# (the step's cost grows with the pixels). A Fashion-MNIST run of 20 epochs is 1.1 M; `make train`, 60,000.
 CPU_COMPILE_MIN_WORK = 500_000
 
 
@@ -110,8 +110,8 @@ def use_compile(opts: TrainOptions, device: torch.device, resolution: int = 224,
 
 
 # CUDA graphs replay a whole step as one launch. On an H100 (bench/throughput.py) they made the step 2.4x as fast
-# at 32 px x 256, launch-bound at 19 ms a step for 8 ms of GPU work, and 0.96x at 224 px x 256 (GPU-bound,
-# 22 ms): they pay while a step holds few pixels.
+# at 32 px x 256 (19 ms a step without them, 8 ms with: launch-bound) and 0.96x at 224 px x 256 (22 ms,
+# GPU-bound): they pay while a step holds few pixels.
 CUDA_GRAPHS_MAX_PIXELS = 4_000_000  # batch x height x width: 128 px x 256, or 224 px x 80
 
 
