@@ -93,9 +93,10 @@ COMPILE_BACKEND = "inductor"  # tests swap in a counting backend
 # Per-device choices. Fixed rules taken from bench/throughput.py, not measured at run time.
 
 
-# On the CPU the compiled step ran 1.2-1.3x as fast as the eager one at 128 px and at α 0.5, and about even at 32 px
-# and α 1 (bench/throughput.py), but takes a minute or two to compile on 2 cores: worth it from about this much
-# training in a run, counted in 32 x 32 images (the step's cost grows with the pixels). A Fashion-MNIST run of 20 epochs is 1.1 M; `make train`, 60,000.
+# On the CPU the compiled step ran 1.2-1.3x as fast as the eager one at 128 px and at alpha 0.5, and about even at
+# 32 px and alpha 1 (bench/throughput.py), but takes a minute or two to compile on 2 cores: worth it from about
+# this much training in a run, counted in 32 x 32 images (the step's cost grows with the pixels). A Fashion-MNIST
+# run of 20 epochs is 1.1 M; `make train`, 60,000.
 CPU_COMPILE_MIN_WORK = 500_000
 
 
