@@ -1,25 +1,28 @@
 """Training and inference images/s of mobilenet-fn against timm's MobileNet v1, in one process, alternating.
 
     .venv/bin/python bench/throughput.py [--device auto|cpu|cuda] [--alpha 1.0] [--train-224]
-                                         [--case KIND:RES:BATCH ...] [--no-timm-compiled] [--warm-cache]
-                                         [--quick] [--json PATH]
+                                         [--case KIND:RES:BATCH ...] [--no-timm-compiled] [--no-cuda-graphs]
+                                         [--warm-cache] [--rounds N] [--quick] [--json PATH]
 
 Contenders, all with the same α, activation, resolution, batch, dtype and optimizer (SGD, momentum 0.9,
 Nesterov, weight decay 0, label smoothing 0.1, a constant learning rate) on random data drawn from a fixed seed:
 
   mobilenet-fn eager / compiled   what ``mobilenet-fn train`` builds on the device: ``TrainOptions(device=…)``,
-                                  then ``use_compile`` (given the input size), ``use_channels_last``,
+  (/ compiled + CUDA graphs)      then ``use_compile``, ``use_cuda_graphs``, ``use_channels_last``,
                                   ``autocast_dtype`` and ``make_step(…, for_compile=compiled)``, wrapped in
-                                  ``torch.compile(step, fullgraph=True)`` when compiled. Both variants run on
-                                  every device; the one ``--compile auto`` picks there is marked "(train default)".
+                                  ``compile_step`` when compiled. Eager and compiled run on every device, the
+                                  CUDA-graph variant on CUDA; the one ``--compile auto`` picks there for a long
+                                  run is marked "(train default)". A contender that fails to build is reported
+                                  and left out.
+  mobilenet-fn BN-folded          (inference) ``convert.folded_apply``, what ``eval`` and ``predict`` run.
   timm eager                      ``timm`` the ordinary way: an ``nn.Module``, ``loss.backward()`` and
                                   ``torch.optim.SGD``. On CPU in both memory formats: NCHW (timm's default) and
                                   channels-last (ours); on CUDA channels-last with bf16 autocast, as ours.
   timm compiled                   ``torch.compile(model)`` in that same loop (channels-last, as ours).
 
 Inference (eval mode): timm under ``torch.no_grad()`` and under ``torch.inference_mode()``; ours
-``model.apply(…, train=False)`` under each (as ``mobilenet-fn eval`` runs it: channels-last input, bf16 autocast
-on CUDA), and the BatchNorm-folded forward of ``convert.folded_apply``.
+``model.apply(…, train=False)`` under each (channels-last input, bf16 autocast on CUDA), and the
+BatchNorm-folded forward of ``convert.folded_apply`` (what ``mobilenet-fn eval`` and ``predict`` run).
 
 Each case starts with ``torch._dynamo.reset()``, so it compiles for its shapes alone as a new training process
 would, into a fresh inductor cache folder unless ``--warm-cache`` (so the first-call times are cold compilations).
