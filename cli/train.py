@@ -32,9 +32,9 @@ def train(
     weight_decay: Annotated[float, Opt(help="On conv, pointwise and classifier weights only (paper §4).")] = 4e-5,
     label_smoothing: Annotated[float, Opt(help="Label smoothing of the cross-entropy.")] = 0.1,
     augment: Annotated[str, Opt(help="crop-flip (random resized crop + flip) or none.")] = "crop-flip",
-    compile: Annotated[str, Opt(help="torch.compile the step: auto (CUDA, as CUDA graphs for small images; "
-                                                 "CPU for runs long enough to repay compiling), on, cudagraphs, "
-                                                 "off.")] = "auto",
+    compile: Annotated[str, Opt(help="torch.compile the step: auto (CUDA, as CUDA graphs for steps of up to "
+                                                 "4 M pixels; CPU for runs long enough to repay compiling), on, "
+                                                 "cudagraphs (one process), off.")] = "auto",
     channels_last: Annotated[str, Opt(help="Memory format: auto (on), on, off.")] = "auto",
     amp: Annotated[str, Opt(help="Mixed precision: auto (bf16 on CUDA), bf16, off.")] = "auto",
     seed: Annotated[int, Opt(help="Seed of the initialisation, data order and augmentation.")] = 0,
@@ -208,7 +208,10 @@ def _resume(run_dir: Path, epochs: int | None, dev, ctx):
     if not ckpt_path.is_file():
         raise UserError(f"{run_dir}: no last.ckpt to resume from")
     ckpt = load_checkpoint(ckpt_path)
-    opts = TrainOptions(**{**ckpt["run"], "device": str(dev)})
+    run = {**ckpt["run"], "device": str(dev)}
+    if run["compile"] == "cudagraphs" and dev.type != "cuda":
+        run["compile"] = "auto"  # a CUDA run resumed on another device
+    opts = TrainOptions(**run)
     if epochs is not None:
         if epochs < ckpt["epoch"]:
             raise UserError(f"{run_dir} has already trained {ckpt['epoch']} epochs; --epochs must be at least that")

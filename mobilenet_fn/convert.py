@@ -19,7 +19,7 @@ from torch.utils._pytree import keystr, tree_flatten_with_path, tree_unflatten
 
 from . import layers
 from .data import preprocess_for
-from .model import STEM, Config, apply
+from .model import STEM, Config, _check_input, apply
 from .weights import (
     CHECKPOINT_FORMAT, FORMAT, Weights, WeightsError, atomic_write, checkpoint_from_dict, read_torch_file,
     trees_problem, weights_from_checkpoint, weights_from_dict,
@@ -409,6 +409,7 @@ def fold_batchnorm(cfg: Config, params: dict, state: dict) -> dict:
 
 def folded_apply(cfg: Config, folded: dict, x: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) -> (N, num_classes) logits of a ``fold_batchnorm`` tree; equals ``apply`` in eval."""
+    _check_input(cfg, x)
     act = functools.partial(layers.ACTIVATIONS[cfg.activation], inplace=True)  # on each conv's fresh output
     x = act(layers.conv_apply(folded["stem"]["conv"], x, stride=STEM[0], padding=cfg.padding))
     for (stride, _, _), p in zip(cfg.blocks(), folded["blocks"]):

@@ -80,7 +80,7 @@ def depthwise_apply(params: Tree, x: torch.Tensor, *, stride: int = 1, padding: 
     kernel = w.shape[-1]
     if x.shape[-2:] == (1, 1) and kernel % 2:
         # On a 1 x 1 map (the last blocks at 32 px), either padding leaves only the centre tap on the pixel.
-        y = x * rearrange(w[:, kernel // 2, kernel // 2], "c -> 1 c 1 1")
+        y = x * rearrange(w[:, kernel // 2, kernel // 2].to(x.dtype), "c -> 1 c 1 1")  # as autocast's conv
         return y if bias is None else y + rearrange(bias, "c -> 1 c 1 1")
     if _channels_last(x):
         weight = _ohwi_as_oihw(rearrange(w, "c kh kw -> c kh kw 1"))

@@ -49,15 +49,19 @@ def _zeros(params, fill: float = 0.0):
 # in, even where a gradient came back channels-last: a compiled step then never sees new strides.
 
 
-def _leaves(tree) -> list[torch.Tensor]:
-    return [t.contiguous() for t in tree_leaves(tree)]
+def _leaves(tree, spec) -> list[torch.Tensor]:
+    """The leaves of ``tree`` (gradients or optimizer state), which must have the structure ``spec`` of params."""
+    leaves, structure = tree_flatten(tree)
+    if structure != spec:
+        raise ValueError(f"a tree given to the optimizer does not match the params: {structure} != {spec}")
+    return [t.contiguous() for t in leaves]
 
 
 def _with_decay(grads: list, params: list, mask: list, weight_decay: float) -> list:
     """L2 regularisation coupled into the gradient (SGD, RMSprop) where ``mask`` says so."""
-    if not weight_decay:
-        return grads
     where = [i for i, decays in enumerate(mask) if decays]
+    if not weight_decay or not where:
+        return grads
     decayed = torch._foreach_add([grads[i] for i in where], [params[i] for i in where], alpha=weight_decay)
     grads = list(grads)
     for i, g in zip(where, decayed):
@@ -71,8 +75,8 @@ def sgd(momentum: float = 0.9, nesterov: bool = False, weight_decay: float = 0.0
 
     def update(grads, opt_state, params, lr):
         p, spec = tree_flatten(params)
-        g = _with_decay(_leaves(grads), p, tree_leaves(decay_mask(params)), weight_decay)
-        buf = torch._foreach_mul(tree_leaves(opt_state["momentum"]), momentum)
+        g = _with_decay(_leaves(grads, spec), p, tree_leaves(decay_mask(params)), weight_decay)
+        buf = torch._foreach_mul(_leaves(opt_state["momentum"], spec), momentum)
         torch._foreach_add_(buf, g)
         if nesterov:
             step = torch._foreach_add(g, buf, alpha=momentum)
@@ -93,11 +97,11 @@ def rmsprop(decay: float = 0.9, momentum: float = 0.9, eps: float = 1e-3, weight
 
     def update(grads, opt_state, params, lr):
         p, spec = tree_flatten(params)
-        g = _with_decay(_leaves(grads), p, tree_leaves(decay_mask(params)), weight_decay)
-        sq = torch._foreach_mul(tree_leaves(opt_state["square_avg"]), decay)
+        g = _with_decay(_leaves(grads, spec), p, tree_leaves(decay_mask(params)), weight_decay)
+        sq = torch._foreach_mul(_leaves(opt_state["square_avg"], spec), decay)
         torch._foreach_addcmul_(sq, g, g, value=1 - decay)
         scaled = torch._foreach_mul(torch._foreach_div(g, torch._foreach_sqrt(torch._foreach_add(sq, eps))), lr)
-        buf = torch._foreach_add(torch._foreach_mul(tree_leaves(opt_state["momentum"]), momentum), scaled)
+        buf = torch._foreach_add(torch._foreach_mul(_leaves(opt_state["momentum"], spec), momentum), scaled)
         new = torch._foreach_sub(p, buf)
         return tree_unflatten(new, spec), {"square_avg": tree_unflatten(sq, spec),
                                           "momentum": tree_unflatten(buf, spec)}
@@ -109,14 +113,15 @@ def adamw(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, weight_decay: f
     """Adam with decoupled weight decay (Loshchilov & Hutter), the decay masked by ``decay_mask``."""
 
     def init(params):
-        return {"count": torch.zeros(()), "m": _zeros(params), "v": _zeros(params)}
+        device = tree_leaves(params)[0].device  # with the params: a CPU tensor would keep CUDA graphs off
+        return {"count": torch.zeros((), device=device), "m": _zeros(params), "v": _zeros(params)}
 
     def update(grads, opt_state, params, lr):
         p, spec = tree_flatten(params)
-        g = _leaves(grads)
+        g = _leaves(grads, spec)
         count = opt_state["count"] + 1
-        m = torch._foreach_add(torch._foreach_mul(tree_leaves(opt_state["m"]), b1), g, alpha=1 - b1)
-        v = torch._foreach_mul(tree_leaves(opt_state["v"]), b2)
+        m = torch._foreach_add(torch._foreach_mul(_leaves(opt_state["m"], spec), b1), g, alpha=1 - b1)
+        v = torch._foreach_mul(_leaves(opt_state["v"], spec), b2)
         torch._foreach_addcmul_(v, g, g, value=1 - b2)
         c1, c2 = 1 - b1**count, 1 - b2**count
         denom = torch._foreach_add(torch._foreach_sqrt(torch._foreach_div(v, c2)), eps)

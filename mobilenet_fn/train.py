@@ -113,7 +113,7 @@ def use_compile(opts: TrainOptions, device: torch.device, resolution: int = 224,
 # CUDA graphs replay a whole step as one launch. On an H100 (bench/throughput.py) they made the step 2.4x as fast
 # at 32 px x 256 (19 ms a step without them, 8 ms with: launch-bound) and 0.96x at 224 px x 256 (22 ms,
 # GPU-bound): they pay while a step holds few pixels.
-CUDA_GRAPHS_MAX_PIXELS = 4_000_000  # batch x height x width: 128 px x 256, or 224 px x 80
+CUDA_GRAPHS_MAX_PIXELS = 256 * 128 * 128  # batch x height x width: 128 px x 256, or 224 px x 83
 
 
 def use_cuda_graphs(opts: TrainOptions, device: torch.device, resolution: int = 224, batch: int = 256) -> bool:

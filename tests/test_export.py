@@ -51,8 +51,13 @@ def test_folded_forward_equals_apply(changes):
     folded = fold_batchnorm(w.config, w.params, w.state)
     assert set(folded) == {"stem", "blocks", "fc"} and set(folded["stem"]) == {"conv"}
     assert set(folded["blocks"][0]) == ({"conv"} if w.config.full_conv else {"dw", "pw"})
-    torch.testing.assert_close(folded_apply(w.config, folded, x),
-                               apply(w.config, w.params, w.state, x, train=False)[0], atol=1e-5, rtol=1e-5)
+    # NCHW, and channels-last down to 1x1 maps (a matrix product and the centre tap, each with its bias).
+    for x in (x, x[:, :, :32, :32].contiguous(memory_format=torch.channels_last),
+              torch.randn(3, 3, 33, 47).contiguous(memory_format=torch.channels_last)):
+        torch.testing.assert_close(folded_apply(w.config, folded, x),
+                                   apply(w.config, w.params, w.state, x, train=False)[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="at least 32"):
+        folded_apply(w.config, folded, torch.randn(1, 3, 16, 16))
 
 
 def test_output_is_never_replaced_without_force(tmp_path):

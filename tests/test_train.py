@@ -199,3 +199,13 @@ def test_compiled_step_with_cuda_graphs_can_be_fed_its_own_outputs():
         ref, ref_total = step(ref, torch.full((4,), float(i)))
         torch.testing.assert_close(p["w"], ref["w"])
         torch.testing.assert_close(total, ref_total)
+
+
+def test_optimizers_refuse_trees_that_do_not_match_the_params_and_take_decay_without_decayed_leaves():
+    params = {"bn": {"weight": torch.ones(3), "bias": torch.zeros(3)}}  # nothing here decays
+    for opt in (sgd(weight_decay=0.1), rmsprop(weight_decay=0.1), adamw(weight_decay=0.1)):
+        grads = {"bn": {"weight": torch.full((3,), 0.5), "bias": torch.full((3,), 0.5)}}
+        new, _ = opt.update(grads, opt.init(params), params, torch.tensor(0.1))
+        assert all((new["bn"][k] < params["bn"][k]).all() for k in ("weight", "bias"))
+        with pytest.raises(ValueError, match="does not match the params"):
+            opt.update({"bn": {"weight": torch.ones(3)}}, opt.init(params), params, torch.tensor(0.1))

@@ -73,6 +73,17 @@ def test_one_epoch_then_resume_with_more_epochs_is_bit_identical(tmp_path):
     assert b["epoch"] == 2 and _equal_trees(a["params"], b["params"])
 
 
+def test_a_cuda_graph_run_resumes_on_the_cpu(tmp_path):
+    from mobilenet_fn.weights import save_checkpoint
+
+    assert train("--epochs", 1, "--out", tmp_path / "run").exit_code == 0
+    ckpt = load_checkpoint(tmp_path / "run" / "last.ckpt")
+    save_checkpoint(tmp_path / "run" / "last.ckpt", {**ckpt, "run": {**ckpt["run"], "compile": "cudagraphs"}})
+    result = runner.invoke(app, ["train", "--resume", str(tmp_path / "run"), "--epochs", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(tmp_path / "run" / "last.ckpt")["epoch"] == 2
+
+
 def test_weights_reproduce_the_reported_validation_accuracy(tmp_path):
     assert train("--epochs", 1, "--out", tmp_path / "run").exit_code == 0
     reported = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["val_top1"]
