@@ -339,6 +339,8 @@ def measure(builders, dev: torch.device, case: Case, args: SimpleNamespace) -> t
             c.peak_mib = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
         log(f"  {dev.type} {case}: {name}: first call {c.first_s:.1f} s")
         contenders.append(c)
+    if not contenders:
+        return [], None
     busy0, own0, wall0 = machine_busy_s(), time.process_time(), time.perf_counter()
     for r in range(args.rounds):
         k = r % len(contenders)
