@@ -33,8 +33,8 @@ def train(
     label_smoothing: Annotated[float, Opt(help="Label smoothing of the cross-entropy.")] = 0.1,
     augment: Annotated[str, Opt(help="crop-flip (random resized crop + flip) or none.")] = "crop-flip",
     compile: Annotated[str, Opt(help="torch.compile the step: auto (CUDA, as CUDA graphs for steps of up to "
-                                                 "4 M pixels; CPU for runs long enough to repay compiling), on, "
-                                                 "cudagraphs (one process), off.")] = "auto",
+                                                 "256 images of 128 px; CPU for runs long enough to repay "
+                                                 "compiling), on, cudagraphs (one process), off.")] = "auto",
     channels_last: Annotated[str, Opt(help="Memory format: auto (on), on, off.")] = "auto",
     amp: Annotated[str, Opt(help="Mixed precision: auto (bf16 on CUDA), bf16, off.")] = "auto",
     seed: Annotated[int, Opt(help="Seed of the initialisation, data order and augmentation.")] = 0,

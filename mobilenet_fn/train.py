@@ -385,11 +385,12 @@ class Trainer:
         if self.device.type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
 
-    def save(self, name: str) -> Path:
+    def save(self, name: str, ckpt: dict | None = None) -> Path:
+        """Writes ``ckpt`` (default: the current ``checkpoint()``) to ``out/name``."""
         from .weights import save_checkpoint
 
         path = self.out / name
-        save_checkpoint(path, self.checkpoint())
+        save_checkpoint(path, self.checkpoint() if ckpt is None else ckpt)
         return path
 
     # -- loop ----------------------------------------------------------------------------------------------
@@ -478,10 +479,11 @@ class Trainer:
                 self.best = dict(metrics)
                 self.best_weights = (to_device(self.params, "cpu"), to_device(self.state, "cpu"))
             if self.rank == 0:
+                ckpt = self.checkpoint()  # one copy to the CPU for both files
                 if improved:
-                    yield CheckpointEvent(self.save("best.ckpt"))
+                    yield CheckpointEvent(self.save("best.ckpt", ckpt))
                     self.write_weights()
-                yield CheckpointEvent(self.save("last.ckpt"))
+                yield CheckpointEvent(self.save("last.ckpt", ckpt))
             if self.epoch == opts.epochs and self.dataset.test is not None:
                 metrics.update(self.test_best())
             if self.rank == 0:
@@ -511,10 +513,10 @@ class Trainer:
     def write_weights(self) -> None:
         from .weights import Weights, save_weights
 
-        metrics = {k: v for k, v in (self.best or {}).items()}
+        params, state = self.best_weights
         save_weights(self.out / "weights.pkl", Weights(
-            self.cfg, to_device(self.params, "cpu"), to_device(self.state, "cpu"), list(self.dataset.classes),
-            self.dataset.preprocess, self.dataset.split, metrics))
+            self.cfg, params, state, list(self.dataset.classes), self.dataset.preprocess, self.dataset.split,
+            dict(self.best or {})))
 
     def append_metrics(self, metrics: dict) -> None:
         with open(self.out / "metrics.jsonl", "a") as f:

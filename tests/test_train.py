@@ -203,9 +203,12 @@ def test_compiled_step_with_cuda_graphs_can_be_fed_its_own_outputs():
 
 def test_optimizers_refuse_trees_that_do_not_match_the_params_and_take_decay_without_decayed_leaves():
     params = {"bn": {"weight": torch.ones(3), "bias": torch.zeros(3)}}  # nothing here decays
-    for opt in (sgd(weight_decay=0.1), rmsprop(weight_decay=0.1), adamw(weight_decay=0.1)):
-        grads = {"bn": {"weight": torch.full((3,), 0.5), "bias": torch.full((3,), 0.5)}}
+    grads = {"bn": {"weight": torch.full((3,), 0.5), "bias": torch.full((3,), -0.5)}}
+    for make in (sgd, rmsprop, adamw):
+        opt, plain = make(weight_decay=0.1), make(weight_decay=0.0)
         new, _ = opt.update(grads, opt.init(params), params, torch.tensor(0.1))
-        assert all((new["bn"][k] < params["bn"][k]).all() for k in ("weight", "bias"))
+        expected, _ = plain.update(grads, plain.init(params), params, torch.tensor(0.1))
+        assert_trees_close(new, expected, atol=0, rtol=0)
+        assert not torch.equal(new["bn"]["weight"], params["bn"]["weight"])
         with pytest.raises(ValueError, match="does not match the params"):
             opt.update({"bn": {"weight": torch.ones(3)}}, opt.init(params), params, torch.tensor(0.1))

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 from PIL import Image
-from torch.utils._pytree import tree_flatten
 from typer.testing import CliRunner
 
+from conftest import assert_trees_close
 from mobilenet_fn import data as data_lib
 from mobilenet_fn import train as train_lib
 from mobilenet_fn.cli.main import app
@@ -19,12 +19,6 @@ FAST = ["--alpha", "0.25", "--batch-size", "128", "--device", "cpu", "--compile"
 
 def train(*args):
     return runner.invoke(app, ["train", *FAST, *map(str, args)])
-
-
-def _equal_trees(a, b):
-    la, sa = tree_flatten(a)
-    lb, sb = tree_flatten(b)
-    return sa == sb and all(torch.equal(x, y) for x, y in zip(la, lb))
 
 
 def _interrupt_at_epoch(monkeypatch, epoch):
@@ -60,7 +54,8 @@ def test_run_folder_and_resume_after_ctrl_c_is_bit_identical(tmp_path, monkeypat
     assert resumed.exit_code == 0, resumed.output
     a = load_checkpoint(run / "last.ckpt")
     b = load_checkpoint(tmp_path / "resumed" / "last.ckpt")
-    assert _equal_trees((a["params"], a["state"], a["opt_state"]), (b["params"], b["state"], b["opt_state"]))
+    assert_trees_close((a["params"], a["state"], a["opt_state"]), (b["params"], b["state"], b["opt_state"]),
+                       atol=0, rtol=0)
 
 
 def test_one_epoch_then_resume_with_more_epochs_is_bit_identical(tmp_path):
@@ -70,7 +65,8 @@ def test_one_epoch_then_resume_with_more_epochs_is_bit_identical(tmp_path):
     result = runner.invoke(app, ["train", "--resume", str(tmp_path / "b"), "--epochs", "2", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     a, b = load_checkpoint(tmp_path / "a" / "last.ckpt"), load_checkpoint(tmp_path / "b" / "last.ckpt")
-    assert b["epoch"] == 2 and _equal_trees(a["params"], b["params"])
+    assert b["epoch"] == 2
+    assert_trees_close(a["params"], b["params"], atol=0, rtol=0)
 
 
 def test_a_cuda_graph_run_resumes_on_the_cpu(tmp_path):
@@ -181,7 +177,7 @@ def test_fine_tune_from_weights_reinitialises_a_different_head(tmp_path):
     base, ft = load_weights(tmp_path / "base" / "weights.pkl"), load_weights(tmp_path / "ft" / "weights.pkl")
     assert ft.config.num_classes == 2 and ft.config.alpha == base.config.alpha
     assert torch.equal(ft.params["blocks"][3]["pw"]["weight"], base.params["blocks"][3]["pw"]["weight"])
-    assert _equal_trees(ft.state, base.state)
+    assert_trees_close(ft.state, base.state, atol=0, rtol=0)
     clash = runner.invoke(app, ["train", "--init", str(tmp_path / "base" / "weights.pkl"), "--alpha", "1",
                                 "--out", str(tmp_path / "x")])
     assert clash.exit_code == 2 and "alpha" in clash.output
