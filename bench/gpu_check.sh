@@ -37,8 +37,9 @@ echo "== 4. what --batch-size auto finds at α 1, 224 px (peak memory per batch 
 timeout 60 python - <<'PY' 2>&1 | quiet
 import torch
 from mobilenet_fn import Config
-from mobilenet_fn.train import TrainOptions, largest_batch
-best, peaks = largest_batch(Config(num_classes=1000), TrainOptions(device="cuda"), torch.device("cuda"), start=64)
+from mobilenet_fn.optim import make_optimizer
+from mobilenet_fn.step import device_policy, largest_batch
+best, peaks = largest_batch(Config(num_classes=1000), make_optimizer("sgd"), device_policy(torch.device("cuda")), start=64)
 print({b: f"{p / 2**30:.2f} GiB" for b, p in peaks.items()}, "-> largest that fits:", best)
 PY
 rm -f "$OUT"/*/*.ckpt "$OUT"/*/weights.pkl

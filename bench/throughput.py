@@ -7,14 +7,15 @@
 Contenders, all with the same α, activation, resolution, batch, dtype and optimizer (SGD, momentum 0.9,
 Nesterov, weight decay 0, label smoothing 0.1, a constant learning rate) on random data drawn from a fixed seed:
 
-  mobilenet-fn eager / compiled   what ``mobilenet-fn train`` builds on the device: ``TrainOptions(device=…)``,
-  (/ compiled + CUDA graphs)      then ``use_compile``, ``use_cuda_graphs``, ``use_channels_last``,
-                                  ``autocast_dtype`` and ``make_step(…, for_compile=compiled)``, wrapped in
-                                  ``compile_step`` when compiled. Eager and compiled run on every device, the
+  mobilenet-fn eager / compiled   what ``mobilenet-fn train`` builds on the device, through the same calls as the
+  (/ compiled + CUDA graphs)      Trainer: ``step.device_policy(…)``, ``step.initial_state`` and
+                                  ``step.build_step`` (compiled, as CUDA graphs or not, as the policy says).
+                                  Eager and compiled run on every device, the
                                   CUDA-graph variant on CUDA; the one ``--compile auto`` picks there for a long
                                   run is marked "(train default)". A contender that fails to build is reported
                                   and left out.
-  mobilenet-fn BN-folded          (inference) ``convert.folded_apply``, what ``eval`` and ``predict`` run.
+  mobilenet-fn BN-folded          (inference) ``model.apply`` on ``model.fold_batchnorm``'s tree, what ``eval``
+                                  and ``predict`` run.
   timm eager                      ``timm`` the ordinary way: an ``nn.Module``, ``loss.backward()`` and
                                   ``torch.optim.SGD``. On CPU in both memory formats: NCHW (timm's default) and
                                   channels-last (ours); on CUDA channels-last with bf16 autocast, as ours.
@@ -22,7 +23,7 @@ Nesterov, weight decay 0, label smoothing 0.1, a constant learning rate) on rand
 
 Inference (eval mode): timm under ``torch.no_grad()`` and under ``torch.inference_mode()``; ours
 ``model.apply(…, train=False)`` under each (channels-last input, bf16 autocast on CUDA), and the
-BatchNorm-folded forward of ``convert.folded_apply`` (what ``mobilenet-fn eval`` and ``predict`` run).
+BatchNorm-folded tree (what ``mobilenet-fn eval`` and ``predict`` run).
 
 Each case starts with ``torch._dynamo.reset()``, so it compiles for its shapes alone as a new training process
 would, into a fresh inductor cache folder unless ``--warm-cache`` (so the first-call times are cold compilations).
@@ -57,13 +58,9 @@ import torch
 import torch.nn.functional as F
 
 import mobilenet_fn
-from mobilenet_fn.convert import fold_batchnorm, folded_apply
-from mobilenet_fn.model import Config, apply, init
+from mobilenet_fn.model import Config, apply, fold_batchnorm, init
 from mobilenet_fn.optim import sgd
-from mobilenet_fn.train import (
-    TrainOptions, autocast_dtype, compile_step, make_step, to_device, use_channels_last, use_compile,
-    use_cuda_graphs,
-)
+from mobilenet_fn.step import build_step, device_policy, initial_state, to_device
 
 NUM_CLASSES = 1000
 LR = 0.01  # constant; small enough that random data keeps every contender finite for the whole run
@@ -145,22 +142,14 @@ def autocast(dev: torch.device, dtype: torch.dtype | None):
 
 
 def ours_train(cfg: Config, dev: torch.device, x, y, compile_flag: str):
-    """The step ``mobilenet-fn train`` runs (Trainer.start_fresh and Trainer.build_step), with weight decay 0;
+    """The step ``mobilenet-fn train`` runs (the Trainer's policy, initial state and step), with weight decay 0;
     ``cfg.resolution`` is the input size, as in a training run. Returns (run, compiled)."""
-    opts = TrainOptions(device=str(dev), compile=compile_flag, weight_decay=0.0, momentum=MOMENTUM,
-                        label_smoothing=LABEL_SMOOTHING)
-    compiled = use_compile(opts, dev, cfg.resolution)
-    cuda_graphs = compiled and use_cuda_graphs(opts, dev, cfg.resolution, len(y))
-    channels_last = use_channels_last(opts, dev)
-    amp = autocast_dtype(opts, dev)
+    policy = device_policy(dev, compile=compile_flag, resolution=cfg.resolution, batch=len(y))
     optimizer = sgd(momentum=MOMENTUM, nesterov=True)
-    step = make_step(cfg, optimizer, label_smoothing=opts.label_smoothing, amp_dtype=amp, for_compile=compiled)
-    if compiled:
-        step = compile_step(step, cuda_graphs)
-    params, state = init(cfg, torch.Generator().manual_seed(0))
-    params, state = to_device(params, dev), to_device(state, dev)  # as Trainer.start_fresh
-    holder = {"params": params, "state": state, "opt_state": optimizer.init(params)}
-    batch = (fmt(x, channels_last), y)  # data.batches(channels_last=...) hands the step this layout
+    step = build_step(cfg, optimizer, policy, label_smoothing=LABEL_SMOOTHING)
+    params, state, opt_state = initial_state(cfg, optimizer, dev, seed=0)
+    holder = {"params": params, "state": state, "opt_state": opt_state}
+    batch = (fmt(x, policy.channels_last), y)  # data.batches(channels_last=...) hands the step this layout
 
     def run(n: int) -> None:
         for _ in range(n):
@@ -168,7 +157,7 @@ def ours_train(cfg: Config, dev: torch.device, x, y, compile_flag: str):
             holder["params"], holder["state"], holder["opt_state"], holder["metrics"] = out
 
     run.last_loss = lambda: float(holder["metrics"]["loss"])
-    return run, compiled
+    return run, policy.compiled
 
 
 def timm_train(alpha: float, activation: str, dev: torch.device, x, y, *, channels_last: bool,
@@ -202,11 +191,9 @@ def train_contenders(cfg: Config, args, dev: torch.device, case: Case) -> list[t
     """(name, builder) pairs; a builder returns a Contender (building is what the peak memory covers)."""
     x, y = random_batch(case, dev)
     cfg = cfg.replace(resolution=case.resolution)  # what `train` sets from the data; --compile auto reads it
-    defaults = TrainOptions(device=str(dev))
-    auto = "off"
-    if use_compile(defaults, dev, cfg.resolution):
-        auto = "cudagraphs" if use_cuda_graphs(defaults, dev, cfg.resolution, case.batch) else "on"
-    amp = autocast_dtype(defaults, dev)
+    defaults = device_policy(dev, resolution=cfg.resolution, batch=case.batch)  # a long run's --compile auto
+    auto = ("cudagraphs" if defaults.cuda_graphs else "on") if defaults.compiled else "off"
+    amp = defaults.amp
     out = []
     variants = [("off", "eager"), ("on", "compiled")]
     if dev.type == "cuda" and args.cuda_graphs:
@@ -243,25 +230,22 @@ def grad_mode(mode: str):
 
 def infer_contenders(cfg: Config, args, dev: torch.device, case: Case) -> list[tuple[str, Callable]]:
     x, _ = random_batch(case, dev)
-    opts = TrainOptions(device=str(dev))
-    amp = autocast_dtype(opts, dev)  # what evaluate() is given by the Trainer and the eval command
-    ours_cl = use_channels_last(opts, dev)
+    policy = device_policy(dev)  # what the Trainer's validation runs with
+    amp, ours_cl = policy.amp, policy.channels_last
     out = []
 
     def ours(mode: str, folded: bool):
         params, state = init(cfg, torch.Generator().manual_seed(0))
         params, state = to_device(params, dev), to_device(state, dev)
-        tree = fold_batchnorm(cfg, params, state) if folded else None
+        if folded:
+            params, state = fold_batchnorm(cfg, params, state), None
         xb = fmt(x, ours_cl)
 
         def run(n: int) -> None:
             with grad_mode(mode):
                 for _ in range(n):
                     with autocast(dev, amp):
-                        if folded:
-                            logits = folded_apply(cfg, tree, xb)
-                        else:
-                            logits, _ = apply(cfg, params, state, xb, train=False)
+                        logits, _ = apply(cfg, params, state, xb, train=False)
                     logits.float()
 
         return run

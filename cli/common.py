@@ -43,8 +43,9 @@ def user_errors(command):
             raise typer.Exit(130)
         except (UserError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
             fail(str(e))
-        except ImportError as e:
-            fail(f"{e}. Install the missing package (pip install 'mobilenet-fn[test]' brings every extra).")
+        except ImportError as e:  # mobilenet_fn.extras.require names the extra to install
+            fail(str(e) if "pip install" in str(e) else f"{e}. Install the missing package (pip install "
+                 f"'mobilenet-fn[test]' brings every extra).")
 
     return wrapper
 

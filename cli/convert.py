@@ -44,7 +44,7 @@ def convert(
 
     Pickled Python objects (a whole nn.Module) are refused without being loaded: loading them would run code.
     """
-    from mobilenet_fn.convert import convert_file, read_classes_file
+    from mobilenet_fn.importers import convert_file, read_classes_file
     from mobilenet_fn.weights import save_weights
 
     refuse_existing(output, force)

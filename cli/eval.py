@@ -25,7 +25,7 @@ def evaluate(
 
     from mobilenet_fn import data as data_lib
     from mobilenet_fn.evaluate import evaluate as run_eval
-    from mobilenet_fn.train import TrainOptions, to_device, use_channels_last
+    from mobilenet_fn.step import inference_policy, to_device
     from mobilenet_fn.weights import load_weights
 
     if batch_size < 1:
@@ -43,12 +43,9 @@ def evaluate(
     else:
         source = data_lib.eval_source(data, w.classes)
         where = data
-    channels_last = use_channels_last(TrainOptions(device=str(dev)), dev)  # as the training run validated
-    params = to_device(w.params, dev)
-    state = to_device(w.state, dev)
     with err.status(f"Evaluating {len(source)} images…"):
-        result = run_eval(w.config, params, state, source, w.preprocess, batch_size=batch_size, device=dev,
-                          channels_last=channels_last, workers=workers)
+        result = run_eval(w.config, to_device(w.params, dev), to_device(w.state, dev), source, w.preprocess,
+                          batch_size=batch_size, policy=inference_policy(dev), workers=workers)
     if plot is not None:
         from mobilenet_fn.plots import plot_confusion
 

@@ -25,7 +25,7 @@ def export(
 
     The file is written only if onnxruntime's logits match the model's within 1e-4 at batch sizes 1 and 3.
     """
-    from mobilenet_fn.convert import ExportError, export_onnx
+    from mobilenet_fn.export import ExportError, export_onnx
     from mobilenet_fn.weights import load_weights
 
     refuse_existing(output, force)

@@ -15,12 +15,12 @@ BATCH = 32
 
 def image_files(args: list[Path]) -> list[Path]:
     """The files named, and the images found in the folders named (walked recursively, sorted)."""
-    from mobilenet_fn.data import _images_in
+    from mobilenet_fn.data import images_in
 
     files = []
     for arg in args:
         if arg.is_dir():
-            found = _images_in(arg)
+            found, _ = images_in(arg)
             if not found:
                 err.print(f"[yellow]No images in[/] {escape(str(arg))}", highlight=False)
             files.extend(found)
@@ -29,19 +29,6 @@ def image_files(args: list[Path]) -> list[Path]:
         else:
             raise UserError(f"{arg}: no such file or folder")
     return files
-
-
-def read_image(path: Path, preprocess: dict):
-    """An image file -> (3, R, R) normalised float: short side resized, centre-cropped, as the weights expect."""
-    from PIL import Image
-    from torchvision.transforms.functional import pil_to_tensor
-
-    from mobilenet_fn.data import normalize, resize_center_crop
-
-    with Image.open(path) as im:
-        x = pil_to_tensor(im.convert("RGB")).unsqueeze(0).float() / 255  # (1, 3, H, W) in [0, 1]
-    x = resize_center_crop(x, preprocess).clamp(0, 1)  # bicubic overshoots; a uint8 pipeline would clip too
-    return normalize(x, preprocess)[0]
 
 
 def top_k(probs, k: int, classes: list[str]) -> list[dict]:
@@ -62,23 +49,23 @@ def predict(
     Unreadable images are reported and skipped.
     """
     import torch
-    from PIL import Image
-    from torch.utils._pytree import tree_map
 
-    from mobilenet_fn.convert import fold_batchnorm, folded_apply
+    from mobilenet_fn.model import apply, fold_batchnorm
+    from mobilenet_fn.preprocess import IMAGE_ERRORS, eval_image, model_input
+    from mobilenet_fn.step import inference_policy, to_device
     from mobilenet_fn.weights import load_weights
 
     w = load_weights(weights)
     if w.config.in_channels != 3:
         raise UserError(f"{weights}: the model takes {w.config.in_channels} channels; predict reads RGB images")
-    dev = pick_device(device)
-    folded = fold_batchnorm(w.config, *tree_map(lambda t: t.to(dev), (w.params, w.state)))
+    policy = inference_policy(pick_device(device))
+    folded = fold_batchnorm(w.config, to_device(w.params, policy.device), to_device(w.state, policy.device))
     files = image_files(images)
     readable, skipped = [], []
     for path in files:
         try:
-            readable.append((path, read_image(path, w.preprocess)))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            readable.append((path, eval_image(path, w.preprocess)))
+        except IMAGE_ERRORS as e:
             skipped.append({"path": str(path), "error": str(e) or type(e).__name__})
             err.print(f"[yellow]Skipped[/] {escape(str(path))}: {escape(skipped[-1]['error'])}", highlight=False,
                       soft_wrap=True)
@@ -87,9 +74,10 @@ def predict(
     predictions = []
     for start in range(0, len(readable), BATCH):
         chunk = readable[start: start + BATCH]
-        x = torch.stack([t for _, t in chunk]).to(dev).contiguous(memory_format=torch.channels_last)
+        x = model_input(torch.stack([t for _, t in chunk]).to(policy.device), w.preprocess,
+                        channels_last=policy.channels_last)
         with torch.no_grad():
-            probs = folded_apply(w.config, folded, x).softmax(-1).cpu()
+            probs = apply(w.config, folded, None, x, train=False)[0].softmax(-1).cpu()
         predictions += [{"path": str(p), "top": top_k(pr, top, w.classes)} for (p, _), pr in zip(chunk, probs)]
     if json:
         print_json({"predictions": predictions, "skipped": skipped})

@@ -66,7 +66,7 @@ def train(
     err.quiet = not ctx.main  # the other processes report nothing but errors
     try:
         if resume is not None:
-            trainer = _resume(resume, epochs, dev, ctx)
+            trainer, run = _resume(resume, epochs, dev, ctx)
         else:
             opts = TrainOptions(
                 data=data, epochs=15 if epochs is None else epochs, batch_size=_batch_size(batch_size, dev), lr=lr,
@@ -77,10 +77,9 @@ def train(
             )
             if rho is not None:
                 resolution = resolution_for_rho(rho)
-            trainer = _new_run(opts, auto_batch=batch_size == "auto", alpha=alpha, resolution=resolution,
-                               activation=activation, dropout=dropout,
-                               init=init, out=out, dev=dev, ctx=ctx)
-        _run(trainer)
+            trainer, run = _new_run(opts, auto_batch=batch_size == "auto", alpha=alpha, resolution=resolution,
+                                    activation=activation, dropout=dropout, init=init, out=out, dev=dev, ctx=ctx)
+        _run(trainer, run)
     finally:
         distributed.teardown()
 
@@ -97,13 +96,14 @@ def _batch_size(text: str, dev) -> int:
 
 
 def _new_run(opts, *, auto_batch, alpha, resolution, activation, dropout, init, out, dev, ctx):
-    """The Trainer of a new run, its folder made (by rank 0) and described."""
+    """The Trainer of a new run and its RunDir (made by rank 0; None on the other ranks)."""
     import dataclasses
 
     from mobilenet_fn import data as data_lib
     from mobilenet_fn import distributed
     from mobilenet_fn.model import Config
-    from mobilenet_fn.train import Trainer, default_run_dir, write_json
+    from mobilenet_fn.rundir import RunDir, default_run_dir
+    from mobilenet_fn.train import Trainer
 
     if opts.freeze_backbone and init is None:
         raise UserError("--freeze-backbone needs --init weights.pkl (a backbone worth keeping)")
@@ -112,36 +112,50 @@ def _new_run(opts, *, auto_batch, alpha, resolution, activation, dropout, init, 
         resolution = start.preprocess["resolution"]
     with err.status("Loading data…"):
         dataset = data_lib.load(opts.data, resolution=resolution, val_split=opts.val_split, seed=opts.seed)
+    _report_ignored(dataset.ignored)
     base = start.config if start else Config(alpha=0.5 if alpha is None else alpha, activation=activation or "relu")
     cfg = dataclasses.replace(base, resolution=dataset.preprocess["resolution"], num_classes=len(dataset.classes),
                               dropout=dropout)
     if auto_batch:
-        from mobilenet_fn.train import largest_batch
-
-        with err.status("Finding the largest batch that fits…"):
-            batch, peaks = largest_batch(cfg, opts, dev)
-        for b, peak in peaks.items():
-            err.print(f"  batch {b}: peak memory {peak / 2**30:.2f} GiB")
-        opts = dataclasses.replace(opts, batch_size=distributed.broadcast_object(batch, ctx))
-        err.print(f"--batch-size auto: {batch}")
-    trainer = Trainer(cfg, opts, dataset, Path(), dev, dist=ctx)
-    trainer.start_fresh(*(_head_for(start, cfg, opts.seed) if start else ()))
-    # Rank 0 picks and makes the run folder; the others learn it from rank 0 (or that it was refused).
-    run_dir, problem = out, None
+        opts = dataclasses.replace(opts, batch_size=distributed.broadcast_object(_largest_batch(cfg, opts, dev), ctx))
+    trainer = Trainer(cfg, opts, dataset, dev, dist=ctx)
+    trainer.start_fresh(_head_for(start, cfg, opts.seed) if start else None)
+    # Rank 0 picks and makes the run folder; the others learn whether that worked.
+    run, problem = None, None
     if ctx.main:
-        run_dir = out or default_run_dir(opts.data, cfg)
-        if run_dir.exists():
-            problem = f"{run_dir} already exists; continue it with --resume {run_dir}, or pick another --out"
-        else:
-            run_dir.mkdir(parents=True)
-            write_json(run_dir / "config.json", {"model": cfg.to_dict(), "train": dataclasses.asdict(opts),
-                                                 "classes": dataset.classes, "preprocess": dataset.preprocess})
-            write_json(run_dir / "split.json", {"data": opts.data, **dataset.split})
-    run_dir, problem = distributed.broadcast_object((str(run_dir), problem), ctx)
+        try:
+            run = RunDir.create(out or default_run_dir(opts.data, cfg), split={"data": opts.data, **dataset.split},
+                                config={"model": cfg.to_dict(), "train": dataclasses.asdict(opts),
+                                        "classes": dataset.classes, "preprocess": dataset.preprocess})
+        except FileExistsError as e:
+            problem = str(e)
+    problem = distributed.broadcast_object(problem, ctx)
     if problem:
         raise UserError(problem)
-    trainer.out = Path(run_dir)
-    return trainer
+    return trainer, run
+
+
+def _largest_batch(cfg, opts, dev) -> int:
+    from mobilenet_fn.optim import make_optimizer
+    from mobilenet_fn.step import device_policy, largest_batch
+
+    optimizer = make_optimizer(opts.optimizer, weight_decay=opts.weight_decay, momentum=opts.momentum)
+    policy = device_policy(dev, compile=opts.compile, channels_last=opts.channels_last, amp=opts.amp)
+    with err.status("Finding the largest batch that fits…"):
+        batch, peaks = largest_batch(cfg, optimizer, policy)
+    for b, peak in peaks.items():
+        err.print(f"  batch {b}: peak memory {peak / 2**30:.2f} GiB")
+    err.print(f"--batch-size auto: {batch}")
+    return batch
+
+
+def _report_ignored(ignored: list[str]) -> None:
+    """Files in the class folders that are not images are left out of training: say so, as resize does."""
+    if ignored:
+        from rich.markup import escape
+
+        err.print(escape(f"Ignored {len(ignored)} file(s) that are not images, e.g. {ignored[0]}"), highlight=False,
+                  soft_wrap=True)
 
 
 def _load_init(path: Path, *, alpha: float, activation: str):
@@ -174,10 +188,11 @@ def _launch(nproc: int) -> None:
     """Runs this same command in ``nproc`` processes through torch.distributed.run (what torchrun does)."""
     import sys
 
+    import os
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
-
-    import os
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     argv = sys.argv[1:]
@@ -187,6 +202,8 @@ def _launch(nproc: int) -> None:
                          "-m", "mobilenet_fn", *args])
     try:
         run(launch)
+    except SignalException as e:  # SIGTERM or SIGINT: the processes were sent it too, and rank 0 saved last.ckpt
+        raise typer.Exit(128 + int(e.sigval))
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         code = failure.exitcode
@@ -197,21 +214,20 @@ def _launch(nproc: int) -> None:
 
 
 def _resume(run_dir: Path, epochs: int | None, dev, ctx):
+    """The Trainer restored from the run's last checkpoint, and its RunDir (on rank 0; None on the others)."""
     import dataclasses
 
     from mobilenet_fn import data as data_lib
     from mobilenet_fn.model import Config
+    from mobilenet_fn.rundir import RunDir
     from mobilenet_fn.train import TrainOptions, Trainer
-    from mobilenet_fn.weights import load_checkpoint
 
-    ckpt_path = run_dir / "last.ckpt"
-    if not ckpt_path.is_file():
-        raise UserError(f"{run_dir}: no last.ckpt to resume from")
-    ckpt = load_checkpoint(ckpt_path)
-    run = {**ckpt["run"], "device": str(dev)}
-    if run["compile"] == "cudagraphs" and dev.type != "cuda":
-        run["compile"] = "auto"  # a CUDA run resumed on another device
-    opts = TrainOptions(**run)
+    run = RunDir.open(run_dir)
+    ckpt = run.load_last()
+    options = {**ckpt["run"], "device": str(dev)}
+    if options["compile"] == "cudagraphs" and dev.type != "cuda":
+        options["compile"] = "auto"  # a CUDA run resumed on another device
+    opts = TrainOptions(**options)
     if epochs is not None:
         if epochs < ckpt["epoch"]:
             raise UserError(f"{run_dir} has already trained {ckpt['epoch']} epochs; --epochs must be at least that")
@@ -221,41 +237,56 @@ def _resume(run_dir: Path, epochs: int | None, dev, ctx):
         dataset = data_lib.load(opts.data, resolution=cfg.resolution, val_split=opts.val_split, seed=opts.seed)
     if list(dataset.classes) != list(ckpt["classes"]):
         raise UserError(f"the data's classes no longer match the run's ({opts.data})")
-    trainer = Trainer(cfg, opts, dataset, run_dir, dev, dist=ctx)
-    trainer.restore(ckpt)
+    _report_ignored(dataset.ignored)
+    trainer = Trainer(cfg, opts, dataset, dev, dist=ctx)
+    trainer.restore(ckpt, best=run.load_best())
     if trainer.epoch >= opts.epochs:
         raise UserError(f"{run_dir} has finished its {trainer.epoch} epochs; raise --epochs to train more")
-    return trainer
+    return trainer, run if ctx.main else None
 
 
-def _run(trainer) -> None:
-    from mobilenet_fn.plots import plot_curves
-    from mobilenet_fn.train import NonFiniteLoss, read_metrics
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, from a scheduler or `kill`: an interruption like Ctrl-C, exit code 143."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+def _run(trainer, run) -> None:
+    """Trains, with ``run`` (the RunDir, None on ranks other than 0) writing what each epoch hands over."""
+    import signal
+
+    from mobilenet_fn.train import EpochEvent, NonFiniteLoss
 
     from .progress import TrainProgress
 
-    run_dir = trainer.out
-    view = TrainProgress(enabled=trainer.rank == 0)
+    view = TrainProgress(enabled=run is not None)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         with view:
             for event in trainer.run():
+                if run is not None and isinstance(event, EpochEvent):
+                    run.record(event.metrics, event.checkpoint, event.weights)
                 view.show(event)
-    except KeyboardInterrupt:
-        if trainer.rank == 0:
-            path = trainer.save("last.ckpt")
-            err.print(f"Interrupted. Saved {path}; continue with: mobilenet-fn train --resume {run_dir}")
-        raise typer.Exit(130)
+    except KeyboardInterrupt as e:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the checkpoint short
+        if run is not None:
+            path = run.save_last(trainer.checkpoint())
+            err.print(f"Interrupted. Saved {path}; continue with: mobilenet-fn train --resume {run.path}")
+        raise typer.Exit(143 if isinstance(e, Terminated) else 130)
     except NonFiniteLoss as e:
         fail(str(e), code=1)
-    if trainer.rank != 0:
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if run is None:
         return
-    metrics = read_metrics(run_dir / "metrics.jsonl")
-    plot_curves(metrics, run_dir / "curves.png")
-    best = trainer.best
+    run.plot_curves()
+    best, last = trainer.best, run.metrics[-1]
     line = f"Best val top-1 {100 * best['val_top1']:.2f}% (epoch {best['epoch']})"
-    if "test_top1" in metrics[-1]:
-        line += f", test top-1 {100 * metrics[-1]['test_top1']:.2f}%"
-    err.print(f"{line}. Weights: {run_dir / 'weights.pkl'}")
+    if "test_top1" in last:
+        line += f", test top-1 {100 * last['test_top1']:.2f}%"
+    err.print(f"{line}. Weights: {run.weights_path}")
     if trainer.skipped:
         err.print(f"Skipped {len(trainer.skipped)} unreadable image(s), e.g. {sorted(trainer.skipped)[0]}")
-    err.print(f"Evaluate with: mobilenet-fn eval {run_dir / 'weights.pkl'}")
+    err.print(f"Evaluate with: mobilenet-fn eval {run.weights_path}")

@@ -20,7 +20,10 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+from .files import find_files
+from .preprocess import (
+    IMAGE_ERRORS, eval_image, interpolation_mode, model_input, preprocess_for, read_rgb, resize_center_crop,
+)
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
@@ -74,19 +77,8 @@ class Dataset:
     preprocess: dict
     split: dict  # what split.json records: where the data came from and which part is validation
     test: Source | None = None
-    skipped: list[str] = field(default_factory=list)
-
-
-def preprocess_for(resolution: int, *, crop_pct: float, stats: dict, interpolation: str = "bilinear") -> dict:
-    """Eval preprocessing: resize the short side to resolution / crop_pct, centre-crop resolution, normalise."""
-    return {
-        "resolution": resolution,
-        "resize": int(math.floor(resolution / crop_pct)),
-        "crop_pct": crop_pct,
-        "interpolation": interpolation,
-        "mean": list(stats["mean"]),
-        "std": list(stats["std"]),
-    }
+    skipped: list[str] = field(default_factory=list)  # unreadable images
+    ignored: list[str] = field(default_factory=list)  # files in the class folders that are not images
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -159,15 +151,16 @@ def _class_folders(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+def images_in(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The image files under ``folder`` (recursively, sorted) and the other files, hidden ones left out."""
+    images, others = find_files(folder)
+    return [folder / rel for rel in images], [folder / rel for rel in others]
 
 
-def scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[str, int]]]:
-    """An ImageFolder tree: (class names, [(path, label)]). ``classes`` fixes the label order (for val/)."""
+def scan_folder(root: Path, classes: list[str] | None = None,
+                ignored: list[str] | None = None) -> tuple[list[str], list[tuple[str, int]]]:
+    """An ImageFolder tree: (class names, [(path, label)]). ``classes`` fixes the label order (for val/). Files
+    that are not images are appended to ``ignored`` when given."""
     folders = _class_folders(root)
     names = [p.name for p in folders]
     if classes is not None:
@@ -177,7 +170,12 @@ def scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[str]
     else:
         classes = names
     index = {c: i for i, c in enumerate(classes)}
-    samples = [(str(p), index[f.name]) for f in folders for p in _images_in(f)]
+    samples = []
+    for folder in folders:
+        images, others = images_in(folder)
+        samples += [(str(p), index[folder.name]) for p in images]
+        if ignored is not None:
+            ignored += [str(p) for p in others]
     return classes, samples
 
 
@@ -190,24 +188,26 @@ def _check_classes(root: Path, classes: list[str], samples: list) -> None:
         raise DataError(f"{root}: class folder(s) with no images: {', '.join(empty)}")
 
 
-def folder_dataset(root: str | Path, *, val_split: float, seed: int) -> tuple[list[str], FileSource, FileSource, dict]:
-    """A user's folder: ``train/`` and ``val/`` ImageFolders, or one folder per class split (stratified, seeded)."""
+def folder_dataset(root: str | Path, *, val_split: float, seed: int,
+                   ignored: list[str] | None = None) -> tuple[list[str], FileSource, FileSource, dict]:
+    """A user's folder: ``train/`` and ``val/`` ImageFolders, or one folder per class split (stratified, seeded).
+    Files that are not images are appended to ``ignored`` when given."""
     root = Path(root).expanduser()
     if not root.exists():
         raise DataError(f"{root}: no such folder")
     if not root.is_dir():
         raise DataError(f"{root}: is a file; give a folder of class folders (or with train/ and val/)")
     if (root / "train").is_dir() and (root / "val").is_dir():
-        classes, train = scan_folder(root / "train")
+        classes, train = scan_folder(root / "train", ignored=ignored)
         _check_classes(root / "train", classes, train)
-        _, val = scan_folder(root / "val", classes)
+        _, val = scan_folder(root / "val", classes, ignored)
         if not val:
             raise DataError(f"{root / 'val'}: no images found")
         split = {"kind": "folders", "root": str(root.resolve()), "train": "train", "val": "val"}
         return classes, FileSource(train), FileSource(val), split
     if not 0 < val_split < 1:
         raise DataError(f"--val-split must be between 0 and 1, got {val_split}")
-    classes, samples = scan_folder(root)
+    classes, samples = scan_folder(root, ignored=ignored)
     if not samples:
         raise DataError(f"{root}: no images found (expected one sub-folder of images per class)")
     _check_classes(root, classes, samples)
@@ -229,13 +229,13 @@ def _load_images(source: FileSource) -> tuple[TensorSource, list[str]]:
     """Decodes a small FileSource into memory: grayscale (N, 1, H, W) uint8 if every image is gray, else RGB."""
     from PIL import Image
 
-    images, labels, skipped = [], [], []
+    images, labels, skipped = [], [], []  # PIL images, to tell grey sets from colour ones
     for path, label in source.samples:
         try:
             with Image.open(path) as im:
                 images.append(im.convert("RGB") if im.mode not in ("L", "RGB") else im.copy())
             labels.append(label)
-        except (OSError, ValueError, Image.DecompressionBombError):
+        except IMAGE_ERRORS:
             skipped.append(path)
     if not images:
         raise DataError("no readable images")
@@ -255,6 +255,7 @@ def load(
 ) -> Dataset:
     """``data`` is "sample", "fashion-mnist", "imagenette" or a folder path. ``resolution`` defaults per data."""
     res = resolution or DEFAULT_RESOLUTION.get(data, FOLDER_RESOLUTION)
+    ignored: list[str] = []
     if data == "sample":
         root = sample_root()
         classes, train, val, split = folder_dataset(root, val_split=val_split, seed=seed)
@@ -277,17 +278,17 @@ def load(
         )
     if data == "imagenette":
         root = imagenette_root(download)
-        _, train, val, split = folder_dataset(root, val_split=val_split, seed=seed)
+        _, train, val, split = folder_dataset(root, val_split=val_split, seed=seed, ignored=ignored)
         from torchvision.datasets import Imagenette
 
         names = dict(zip(Imagenette._WNID_TO_CLASS, (n[0] for n in Imagenette._WNID_TO_CLASS.values())))
         classes = [names.get(p.name, p.name) for p in _class_folders(root / "train")]
         split["kind"] = "imagenette"
         return Dataset("imagenette", classes, train, val, preprocess_for(res, crop_pct=0.875, stats=IMAGENET_STATS),
-                       split)
-    classes, train, val, split = folder_dataset(data, val_split=val_split, seed=seed)
+                       split, ignored=ignored)
+    classes, train, val, split = folder_dataset(data, val_split=val_split, seed=seed, ignored=ignored)
     return Dataset(str(Path(data)), classes, train, val, preprocess_for(res, crop_pct=0.875, stats=IMAGENET_STATS),
-                   split)
+                   split, ignored=ignored)
 
 
 def imagenette_root(download: bool = True) -> Path:
@@ -351,15 +352,6 @@ def eval_source(data: str, classes: list[str]) -> Source:
 # Transforms and batches
 
 
-def normalize(x: torch.Tensor, preprocess: dict) -> torch.Tensor:
-    """(N, C, H, W) in [0, 1] -> normalised 3-channel float; grayscale is repeated to 3 channels."""
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    mean = torch.tensor(preprocess["mean"], device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(preprocess["std"], device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - mean) / std
-
-
 def random_resized_crop(x: torch.Tensor, size: int, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
     """Per-image random resized crop (and horizontal flip) of a (N, C, H, W) float batch, as one grid_sample."""
     n = x.shape[0]
@@ -382,52 +374,43 @@ def random_resized_crop(x: torch.Tensor, size: int, generator: torch.Generator, 
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def resize_center_crop(x: torch.Tensor, preprocess: dict) -> torch.Tensor:
-    """Eval transform of a (N, C, H, W) float batch: short side to ``resize``, centre crop ``resolution``."""
-    h, w = x.shape[-2:]
-    scale = preprocess["resize"] / min(h, w)
-    size = (max(preprocess["resize"], round(h * scale)), max(preprocess["resize"], round(w * scale)))
-    if size != (h, w):
-        mode = "bicubic" if preprocess.get("interpolation") == "bicubic" else "bilinear"
-        x = F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)
-    r = preprocess["resolution"]
-    top, left = (x.shape[-2] - r) // 2, (x.shape[-1] - r) // 2
-    return x[..., top: top + r, left: left + r]
-
-
-def _file_transform(preprocess: dict, train: bool, augment: bool):
+def _train_transform(preprocess: dict):
     from torchvision.transforms import v2
 
-    r = preprocess["resolution"]
-    bicubic = preprocess.get("interpolation") == "bicubic"
-    interp = v2.InterpolationMode.BICUBIC if bicubic else v2.InterpolationMode.BILINEAR
-    if train and augment:
-        ops = [v2.RandomResizedCrop(r, scale=CROP_SCALE, ratio=CROP_RATIO, interpolation=interp, antialias=True),
-               v2.RandomHorizontalFlip()]
-    else:
-        ops = [v2.Resize(preprocess["resize"], interpolation=interp, antialias=True), v2.CenterCrop(r)]
-    return v2.Compose([v2.ToImage(), *ops, v2.ToDtype(torch.uint8)])
+    return v2.Compose([v2.RandomResizedCrop(preprocess["resolution"], scale=CROP_SCALE, ratio=CROP_RATIO,
+                                            interpolation=interpolation_mode(preprocess), antialias=True),
+                       v2.RandomHorizontalFlip()])
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one item's augmentation in one epoch: a function of the item, not of the worker, process or
+    position that happens to load it, so a resumed or re-sharded run draws the same crops."""
+    return (seed * 1_000_003 + epoch) * 100_000_007 + index
 
 
 class _Files(torch.utils.data.Dataset):
-    """Image files as uint8 (3, R, R) tensors; an unreadable file gives None, which the collate drops."""
+    """Image files as uint8 (3, R, R) tensors, each item a (source index, path, label); an unreadable file gives
+    None, which the collate drops. ``augment`` = (preprocess, seed, epoch) draws a random resized crop and flip
+    from the item's own seed; otherwise the eval preprocessing."""
 
-    def __init__(self, samples, transform):
-        self.samples, self.transform = samples, transform
+    def __init__(self, items, preprocess: dict, augment: tuple[int, int] | None):
+        self.items, self.preprocess, self.augment = items, preprocess, augment
+        self.transform = _train_transform(preprocess) if augment else None
 
     def __len__(self):
-        return len(self.samples)
+        return len(self.items)
 
     def __getitem__(self, i):
-        from PIL import Image
-
-        path, label = self.samples[i]
+        index, path, label = self.items[i]
         try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-            return self.transform(im), label
-        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+            if self.augment is None:
+                return eval_image(path, self.preprocess), label
+            image = read_rgb(path)
+        except IMAGE_ERRORS:
             return None, path
+        with torch.random.fork_rng(devices=[]):  # torchvision draws from the global RNG; the caller's stays put
+            torch.manual_seed(item_seed(*self.augment, index))
+            return self.transform(image), label
 
 
 def _collate(items):
@@ -470,19 +453,16 @@ def batches(
         usable = len(idx) - len(idx) % world if train else len(idx)
         idx = idx[:usable][rank::world]
     n_batches = len(idx) // batch_size if drop_last else math.ceil(len(idx) / batch_size)
-    mem = torch.channels_last if channels_last else torch.contiguous_format
 
-    def finish(x_uint8: torch.Tensor, y: torch.Tensor, i: int, skipped: list) -> Batch:
-        x = x_uint8.to(device, non_blocking=True).to(torch.get_default_dtype()).div_(255)
-        y = y.to(device, non_blocking=True)
+    def finish(x: torch.Tensor, y: torch.Tensor, i: int, skipped: list) -> Batch:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if isinstance(source, TensorSource):
             if train and augment:
                 g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch * 10_007 + i)
-                x = random_resized_crop(x, preprocess["resolution"], g)
+                x = random_resized_crop(x.to(torch.get_default_dtype()).div_(255), preprocess["resolution"], g)
             else:
                 x = resize_center_crop(x, preprocess)
-        x = normalize(x, preprocess).contiguous(memory_format=mem)
-        return Batch(x, y, skipped)
+        return Batch(model_input(x, preprocess, channels_last=channels_last), y, skipped)
 
     if isinstance(source, TensorSource):
         images, labels = source.images, source.labels
@@ -494,12 +474,11 @@ def batches(
             yield finish(images[j], labels[j], i, [])
         return
 
-    subset = [source.samples[k] for k in idx[start * batch_size: n_batches * batch_size].tolist()]
-    files = _Files(subset, _file_transform(preprocess, train, augment))
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    items = [(k, *source.samples[k]) for k in idx[start * batch_size: n_batches * batch_size].tolist()]
+    files = _Files(items, preprocess, (seed, epoch) if train and augment else None)
     loader = torch.utils.data.DataLoader(
         files, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
-        pin_memory=device.type == "cuda", generator=generator,
+        pin_memory=device.type == "cuda",
     )
     for i, (x, y, bad) in enumerate(loader, start=start):
         if x is None:

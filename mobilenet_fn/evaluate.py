@@ -2,41 +2,38 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
 from . import data as data_lib
-from .convert import fold_batchnorm, folded_apply
-from .model import Config
+from .model import Config, apply, fold_batchnorm
+from .step import Policy
 
 
 def evaluate(
-    cfg: Config, params: dict, state: dict, source, preprocess: dict, *, batch_size: int = 256, device="cpu",
-    channels_last: bool = False, amp_dtype: torch.dtype | None = None, workers: int = 0,
-    shard: tuple[int, int] = (0, 1), reduce=None,
+    cfg: Config, params: dict, state: dict, source, preprocess: dict, *, batch_size: int = 256,
+    policy: Policy = Policy(torch.device("cpu")), workers: int = 0, shard: tuple[int, int] = (0, 1), reduce=None,
 ) -> dict:
-    """Metrics of the model on every item of ``source`` (fractions in [0, 1]).
+    """Metrics of the model on every item of ``source`` (fractions in [0, 1]), run as ``policy`` says (its device,
+    memory format and autocast) with ``params`` and ``state`` already on that device.
 
     Returns {"top1", "top5", "loss", "n", "per_class": [accuracy or None], "confusion": (K, K) long tensor
     (rows: true class, columns: predicted), "skipped": [unreadable files]}. With ``shard=(rank, world)`` each
     process sees its share and ``reduce`` (a sum across processes) combines the counts, giving the same result.
     """
     k = cfg.num_classes
-    device = torch.device(device)
+    device = policy.device
     confusion = torch.zeros(k, k, dtype=torch.long, device=device)
     top5 = torch.zeros((), dtype=torch.long, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     skipped: list[str] = []
-    ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     with torch.no_grad():
         folded = fold_batchnorm(cfg, params, state)  # BatchNorm in eval is affine: 1.4x as fast on the CPU
         for batch in data_lib.batches(source, preprocess, batch_size=batch_size, train=False, device=device,
-                                      workers=workers, shard=shard, channels_last=channels_last):
+                                      workers=workers, shard=shard, channels_last=policy.channels_last):
             skipped += batch.skipped
-            with ctx:
-                logits = folded_apply(cfg, folded, batch.x)
+            with policy.autocast():
+                logits, _ = apply(cfg, folded, None, batch.x, train=False)
             logits = logits.float()
             loss_sum += F.cross_entropy(logits, batch.y, reduction="sum").double()
             top = logits.topk(min(5, k), dim=1).indices

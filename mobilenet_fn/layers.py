@@ -8,6 +8,9 @@ statistics instead of writing them. Weight layouts are named with einops so they
     depthwise  (c, kh, kw)      one 3x3 filter per channel, applied with groups=c
     pointwise  (o, i)           a 1x1 convolution, i.e. a matrix over channels
     linear     (o, i) + (o,)    the classifier
+
+A convolution followed by BatchNorm in eval mode is one affine map: ``fold_batchnorm`` turns the pair into the
+convolution alone with a bias, which every ``*_apply`` takes when the dict holds one.
 """
 
 from __future__ import annotations
@@ -178,6 +181,15 @@ def _synced_batchnorm(params: Tree, state: Tree, x: torch.Tensor, *, momentum: f
         "var": (1 - momentum) * state["var"] + momentum * unbiased_var.detach(),
     }
     return y.to(x.dtype), new_state
+
+
+def fold_batchnorm(conv: Tree, bn: Tree, bn_state: Tree, eps: float) -> Tree:
+    """A convolution and the eval-mode BatchNorm after it as one convolution with a bias: BatchNorm's per-channel
+    scale goes into the weight's output axis (the first, in every layout here), its shift into the bias."""
+    weight = conv["weight"]
+    scale = bn["weight"] / torch.sqrt(bn_state["var"] + eps)
+    return {"weight": weight * scale.view(-1, *[1] * (weight.dim() - 1)),
+            "bias": bn["bias"] - bn_state["mean"] * scale}
 
 
 def linear_init(in_features: int, out_features: int, generator: torch.Generator | None = None) -> Tree:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from .files import atomic_write
 
 
 def _figure(*args, **kwargs):
@@ -16,9 +17,7 @@ def _figure(*args, **kwargs):
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"), durable=False)
 
 
 def plot_curves(metrics: list[dict], path: Path) -> None:

@@ -34,12 +34,12 @@ from typing import Iterable, Iterator
 
 from PIL import Image, UnidentifiedImageError
 
+from .files import IMAGE_SUFFIXES, JPEG_SUFFIXES, find_files, write_bytes
+
 MODES = ("crop", "pad", "stretch")
 FORMATS = ("jpeg", "png", "keep")
-JPEG_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
-IMAGE_SUFFIXES = JPEG_SUFFIXES + (".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 KEPT_FORMATS = {**dict.fromkeys(JPEG_SUFFIXES, "JPEG"), ".png": "PNG", ".webp": "WEBP"}  # --format keep
-READ_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # JPEG includes MPO, which many cameras write
+READ_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")  # JPEG includes MPO, which many cameras write
 REPORT_NAME = "resize-report.json"
 TEMP_SUFFIX = ".resize-tmp"
 STAMP_PREFIX = "mobilenet-fn resize 1:"
@@ -249,16 +249,10 @@ def output_names(rels: list[str], image_format: str) -> dict[str, str]:
 
 
 def find_images(src: Path) -> tuple[list[str], list[str]]:
-    """Image and other files under ``src`` as sorted relative paths; hidden files and folders are left out."""
-    images, others = [], []
-    for folder, dirs, files in os.walk(src):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            if name.startswith(".") or name == REPORT_NAME:
-                continue
-            rel = os.path.relpath(os.path.join(folder, name), src)
-            (images if Path(name).suffix.lower() in IMAGE_SUFFIXES else others).append(rel)
-    return sorted(images), sorted(others)
+    """Image and other files under ``src`` as sorted relative paths; hidden files and folders, and the report of
+    an earlier run, are left out."""
+    images, others = find_files(src)
+    return images, [rel for rel in others if rel != REPORT_NAME]
 
 
 def check_out(src: Path, out: Path, in_place: bool) -> None:
@@ -305,15 +299,10 @@ def describe_error(error: Exception) -> str:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path`` and rename it over, so ``path`` is never half-written."""
+    """``data`` into ``path``, never half-written (a temp file beside it, renamed over). Not flushed to disk one
+    by one: a crash leaves an image to be resized again, which the next run does."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
-    try:
-        temp.write_bytes(data)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    write_bytes(path, data, suffix=TEMP_SUFFIX, durable=False)
 
 
 def existing(task: Task, stamp: str) -> Result | None:

@@ -1,4 +1,4 @@
-"""The ``.pkl`` weights format, training checkpoints, and atomic writes.
+"""The ``.pkl`` weights format and training checkpoints: writing them atomically, reading them safely.
 
 A weights file is ``torch.save`` of a plain dict, nothing but tensors and Python values::
 
@@ -13,16 +13,15 @@ names what it would have imported. Every problem is a ``WeightsError`` of one li
 from __future__ import annotations
 
 import io
-import os
 import pickletools
-import secrets
 import zipfile
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch.utils._pytree import keystr, tree_flatten_with_path, tree_map
 
+from .files import atomic_write
 from .model import Config, init
 
 FORMAT = "mobilenet-fn/1"
@@ -50,73 +49,9 @@ class Weights(NamedTuple):
 # Writing
 
 
-def atomic_write(path: str | Path, write: Callable[[str], object], *, overwrite: bool = True,
-                 suffix: str = ".tmp") -> None:
-    """Calls ``write(tmp)`` to fill a new temporary file beside ``path``, flushes it to disk, then renames it onto
-    ``path``: a crash or an exception leaves either the old file or the new one, never half of one, and no
-    temporary file. With ``overwrite=False`` an existing ``path`` is a ``FileExistsError`` and is left alone."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"{path.parent}: no such folder")
-    if not overwrite and path.exists():
-        raise FileExistsError(f"{path}: already exists")
-    tmp = _new_file_beside(path, suffix)
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        _publish(tmp, path, overwrite)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    _fsync_dir(path.parent)
-
-
 def atomic_save(obj, path: str | Path, *, overwrite: bool = True) -> None:
-    """``torch.save(obj, path)`` through ``atomic_write``."""
+    """``torch.save(obj, path)`` through ``atomic_write``: the file appears whole, flushed to disk, or not at all."""
     atomic_write(path, lambda tmp: torch.save(obj, tmp), overwrite=overwrite)
-
-
-def _new_file_beside(path: Path, suffix: str) -> str:
-    """Creates an empty, hidden, uniquely named file in ``path``'s folder. Made with ``os.open(..., 0o666)`` so the
-    umask applies as for any file the user writes (``mkstemp`` would leave the result readable by its owner only)."""
-    while True:
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}{suffix}"
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return str(tmp)
-        except FileExistsError:
-            continue
-
-
-def _publish(tmp: str, path: Path, overwrite: bool) -> None:
-    if overwrite:
-        os.replace(tmp, path)
-        return
-    try:
-        os.link(tmp, path)  # fails if path appeared meanwhile: never replaces what someone else just wrote
-    except FileExistsError:
-        raise FileExistsError(f"{path}: already exists") from None
-    except OSError:  # a file system without hard links
-        if path.exists():
-            raise FileExistsError(f"{path}: already exists") from None
-        os.replace(tmp, path)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _cpu(tree):

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from mobilenet_fn import Config, distributed
-from mobilenet_fn.data import Dataset, TensorSource, preprocess_for
+from mobilenet_fn.data import Dataset, TensorSource
+from mobilenet_fn.preprocess import preprocess_for
 from mobilenet_fn.train import Trainer, TrainOptions
 
 
@@ -29,10 +30,7 @@ def main(out: Path, global_batch: int) -> None:
     opts = TrainOptions(data="synthetic", epochs=1, batch_size=global_batch // ctx.world, lr=0.05, augment="none",
                         compile="off", workers=0, sync_bn=True, warmup_epochs=0)
     cfg = Config(alpha=0.25, resolution=32, num_classes=4)
-    run_dir = out / f"run{ctx.world}"
-    if ctx.main:
-        run_dir.mkdir(parents=True)
-    trainer = Trainer(cfg, opts, dataset, run_dir, torch.device("cpu"), dist=ctx)
+    trainer = Trainer(cfg, opts, dataset, torch.device("cpu"), dist=ctx)
     trainer.start_fresh()
     for _ in trainer.run():
         pass

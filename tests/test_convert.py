@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from conftest import randomize_batchnorm
 from mobilenet_fn import apply, load_weights
 from mobilenet_fn.cli.main import app
-from mobilenet_fn.convert import convert_file, imagenet_classes
+from mobilenet_fn.importers import convert_file, imagenet_classes
 from mobilenet_fn.weights import save_checkpoint
 from test_weights import assert_trees_equal, make_weights, one_line_error
 
@@ -240,7 +240,8 @@ def test_a_missing_optional_package_says_what_to_install(tmp_path, monkeypatch):
 
 
 def test_no_importer_or_exporter_package_is_loaded_until_used():
-    code = ("import sys, mobilenet_fn, mobilenet_fn.convert, mobilenet_fn.weights, mobilenet_fn.cli.main; "
+    code = ("import sys, mobilenet_fn, mobilenet_fn.importers, mobilenet_fn.export, mobilenet_fn.weights, "
+            "mobilenet_fn.cli.main; "
             "print([m for m in ('timm', 'transformers', 'onnx', 'onnxruntime', 'onnxscript', 'safetensors', "
             "'huggingface_hub') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -48,7 +48,7 @@ def test_distributed_eval_equals_single_process_eval(worlds):
     # Same weights on both sides: each rank's final weights evaluated with and without sharding.
     two = worlds["world2-rank0"]
     from mobilenet_fn import Config
-    from mobilenet_fn.data import preprocess_for
+    from mobilenet_fn.preprocess import preprocess_for
     from mobilenet_fn.evaluate import evaluate
 
     sys.path.insert(0, str(HERE))

@@ -8,7 +8,6 @@ from typer.testing import CliRunner
 
 from mobilenet_fn import Config, apply, load_weights, save_weights
 from mobilenet_fn.cli.main import app
-from mobilenet_fn.convert import fold_batchnorm, folded_apply
 from test_weights import make_weights, one_line_error
 
 ort = pytest.importorskip("onnxruntime")
@@ -43,23 +42,6 @@ def test_onnxruntime_equals_apply_at_batch_1_and_3(tmp_path, fold_bn):
         assert ref.abs().max() > 0.1  # logits that could be wrong
 
 
-@pytest.mark.parametrize("changes", [{}, {"full_conv": True}, {"shallow": True, "padding": "torch"}],
-                         ids=["separable", "full_conv", "shallow"])
-def test_folded_forward_equals_apply(changes):
-    w = make_weights(CFG.replace(**changes), seed=4)
-    x = torch.randn(2, 3, 64, 64)
-    folded = fold_batchnorm(w.config, w.params, w.state)
-    assert set(folded) == {"stem", "blocks", "fc"} and set(folded["stem"]) == {"conv"}
-    assert set(folded["blocks"][0]) == ({"conv"} if w.config.full_conv else {"dw", "pw"})
-    # NCHW, and channels-last down to 1x1 maps (a matrix product and the centre tap, each with its bias).
-    for x in (x, x[:, :, :32, :32].contiguous(memory_format=torch.channels_last),
-              torch.randn(3, 3, 33, 47).contiguous(memory_format=torch.channels_last)):
-        torch.testing.assert_close(folded_apply(w.config, folded, x),
-                                   apply(w.config, w.params, w.state, x, train=False)[0], atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="at least 32"):
-        folded_apply(w.config, folded, torch.randn(1, 3, 16, 16))
-
-
 def test_output_is_never_replaced_without_force(tmp_path):
     save_weights(tmp_path / "w.pkl", make_weights(CFG))
     (tmp_path / "m.onnx").write_text("precious")
@@ -71,7 +53,7 @@ def test_output_is_never_replaced_without_force(tmp_path):
 def test_a_model_onnxruntime_disagrees_with_is_not_written(tmp_path, monkeypatch):
     save_weights(tmp_path / "w.pkl", make_weights(CFG))
     monkeypatch.setattr("torch.onnx.export", lambda module, args, f, **kw: open(f, "wb").write(b"onnx"))
-    monkeypatch.setattr("mobilenet_fn.convert.check_onnx", lambda weights, path: 0.5)
+    monkeypatch.setattr("mobilenet_fn.export.check_onnx", lambda weights, path: 0.5)
     result = runner.invoke(app, ["export", str(tmp_path / "w.pkl"), "-o", str(tmp_path / "m.onnx")])
     assert result.exit_code == 1 and "differ" in result.output and "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pkl"]

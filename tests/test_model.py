@@ -3,11 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_map, tree_map_with_path
 
 from conftest import assert_trees_close, randomize_batchnorm
 from mobilenet_fn import Config, apply, features, init
-from mobilenet_fn.convert import from_timm
+from mobilenet_fn.model import fold_batchnorm
+from mobilenet_fn.importers import from_timm
 
 timm = pytest.importorskip("timm")
 
@@ -151,3 +152,52 @@ def test_small_input_is_a_clear_error():
     params, state = init(cfg)
     with pytest.raises(ValueError, match="at least 32"):
         apply(cfg, params, state, torch.randn(1, 3, 16, 16), train=False)
+
+
+FOLD_CASES = {
+    "relu, torch padding": {},
+    "relu6, tf padding": {"activation": "relu6", "padding": "tf", "bn_eps": 1e-3},
+    "full_conv": {"full_conv": True, "alpha": 0.25},
+    "shallow, relu6": {"shallow": True, "activation": "relu6"},
+}
+
+
+@pytest.mark.parametrize("size", [32, 224])
+@pytest.mark.parametrize("changes", FOLD_CASES.values(), ids=FOLD_CASES.keys())
+def test_the_batchnorm_folded_tree_runs_the_same_walk_to_the_same_outputs(changes, size):
+    cfg = Config(**{"alpha": 0.5, "num_classes": 7, "resolution": size, **changes})
+    params, state = init(cfg, torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    params, state = randomize_batchnorm_trees(params, state)
+    folded = fold_batchnorm(cfg, params, state)
+    assert set(folded["stem"]) == {"conv"} and set(folded["stem"]["conv"]) == {"weight", "bias"}
+    assert set(folded["blocks"][0]) == ({"conv"} if cfg.full_conv else {"dw", "pw"})
+    assert folded["fc"] is params["fc"]
+    # NCHW and channels-last: the latter runs the 1x1 maps of a 32 px input as a matrix product and a centre tap.
+    for x in (x, x.contiguous(memory_format=torch.channels_last)):
+        ref, _ = apply(cfg, params, state, x, train=False)
+        out, _ = apply(cfg, folded, None, x, train=False)
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+        assert ref.abs().max() > 0.1  # logits that could be wrong
+        for name, endpoint in features(cfg, folded, None, x).items():
+            torch.testing.assert_close(endpoint, features(cfg, params, state, x)[name], atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="at least 32"):
+        apply(cfg, folded, None, torch.randn(1, 3, 16, 16), train=False)
+
+
+BATCHNORM_RANGES = {"weight": (0.5, 1.5), "bias": (-0.2, 0.2), "mean": (-0.5, 0.5), "var": (0.5, 2.0)}
+
+
+def randomize_batchnorm_trees(params: dict, state: dict) -> tuple[dict, dict]:
+    """BatchNorm scales, shifts and running statistics away from 1 and 0 (as conftest's randomize_batchnorm does
+    for nn.Modules), so that folding each of them is tested."""
+    g = torch.Generator().manual_seed(2)
+
+    def randomize(path, t):
+        keys = [str(getattr(k, "key", "")) for k in path]
+        if not any(k.endswith("bn") for k in keys):  # bn, dw_bn, pw_bn
+            return t
+        low, high = BATCHNORM_RANGES[keys[-1]]
+        return low + (high - low) * torch.rand(t.shape, generator=g)
+
+    return tree_map_with_path(randomize, params), tree_map_with_path(randomize, state)

@@ -7,9 +7,9 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflat
 
 from conftest import assert_trees_close, randomize_batchnorm
 from mobilenet_fn import Config, apply, init
-from mobilenet_fn.convert import from_timm
+from mobilenet_fn.importers import from_timm
 from mobilenet_fn.optim import Optimizer, adamw, decay_mask, make_schedule, rmsprop, sgd
-from mobilenet_fn.train import TrainOptions, compile_step, make_step, use_compile, use_cuda_graphs
+from mobilenet_fn.step import compile_step, make_step, use_compile, use_cuda_graphs
 
 # An "optimizer" whose update returns the gradients as the new params: the step then hands back its gradients.
 GRADS_OUT = Optimizer(init=lambda p: {}, update=lambda g, s, p, lr: (g, s))
@@ -143,7 +143,8 @@ def test_schedules():
 
 
 def test_evaluation_runs_batchnorm_in_eval_mode():
-    from mobilenet_fn.data import TensorSource, normalize, preprocess_for
+    from mobilenet_fn.data import TensorSource
+    from mobilenet_fn.preprocess import normalize, preprocess_for
     from mobilenet_fn.evaluate import evaluate
 
     cfg = Config(alpha=0.25, num_classes=3, resolution=32)
@@ -178,14 +179,14 @@ def test_eager_autograd_step_equals_the_torch_func_step(head_only):
 
 
 def test_auto_compile_and_cuda_graphs_follow_the_measured_rules():
-    auto, cpu, cuda = TrainOptions(), torch.device("cpu"), torch.device("cuda")
+    auto, cpu, cuda = "auto", torch.device("cpu"), torch.device("cuda")
     assert not use_compile(auto, cpu, 32, images=15 * 4000)  # `make train`: compiling would cost more than it saves
     assert use_compile(auto, cpu, 32, images=20 * 48000)  # 20 epochs of Fashion-MNIST
     assert use_compile(auto, cpu, 128, images=15 * 4000)  # 16x the work per image
-    assert use_compile(auto, cuda, 32, images=1000) and not use_compile(TrainOptions(compile="off"), cuda, 224)
+    assert use_compile(auto, cuda, 32, images=1000) and not use_compile("off", cuda, 224)
     assert use_cuda_graphs(auto, cuda, 32, 256) and not use_cuda_graphs(auto, cuda, 224, 256)
-    assert not use_cuda_graphs(auto, cpu, 32, 256) and not use_cuda_graphs(TrainOptions(compile="on"), cuda, 32, 256)
-    assert use_cuda_graphs(TrainOptions(compile="cudagraphs", device="cuda"), cuda, 224, 256)
+    assert not use_cuda_graphs(auto, cpu, 32, 256) and not use_cuda_graphs("on", cuda, 32, 256)
+    assert use_cuda_graphs("cudagraphs", cuda, 224, 256)
 
 
 def test_compiled_step_with_cuda_graphs_can_be_fed_its_own_outputs():

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from conftest import assert_trees_close
 from mobilenet_fn import data as data_lib
-from mobilenet_fn import train as train_lib
+from mobilenet_fn import step as step_lib
 from mobilenet_fn.cli.main import app
 from mobilenet_fn.weights import load_checkpoint, load_weights
 
@@ -93,7 +93,7 @@ def test_compiles_once_over_two_epochs_with_a_changing_learning_rate(tmp_path, m
 
     torch._dynamo.reset()
     counter = CompileCounter()
-    monkeypatch.setattr(train_lib, "COMPILE_BACKEND", counter)
+    monkeypatch.setattr(step_lib, "COMPILE_BACKEND", counter)
     result = runner.invoke(app, ["train", "--alpha", "0.25", "--batch-size", "256", "--device", "cpu",
                                  "--compile", "on", "--epochs", "2", "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output

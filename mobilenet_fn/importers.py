@@ -1,28 +1,27 @@
-"""Importers from timm and Hugging Face, conversion of any source to ``Weights``, and ONNX export.
+"""Importers: a training checkpoint, timm or Hugging Face weights -> ``Weights`` (what ``convert`` writes).
 
 Each importer maps a foreign state dict onto this project's (params, state) trees; the layouts differ only in
 naming and in the 1x1 and depthwise kernels' trailing singleton axes, which einops strips. Neither importer
 needs timm or transformers: a state dict and (for Hugging Face) its ``config.json`` are enough. Optional
-packages (safetensors, huggingface_hub, onnx, onnxscript, onnxruntime) are imported where they are used.
+packages (safetensors, huggingface_hub) are imported where they are used.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from pathlib import Path
 
 import torch
 from einops import rearrange
-from torch.utils._pytree import keystr, tree_flatten_with_path, tree_unflatten
 
 from . import layers
-from .data import preprocess_for
-from .model import STEM, Config, _check_input, apply
+from .extras import require
+from .model import Config
+from .preprocess import preprocess_for
 from .weights import (
-    CHECKPOINT_FORMAT, FORMAT, Weights, WeightsError, atomic_write, checkpoint_from_dict, read_torch_file,
-    trees_problem, weights_from_checkpoint, weights_from_dict,
+    CHECKPOINT_FORMAT, FORMAT, Weights, WeightsError, checkpoint_from_dict, read_torch_file, trees_problem,
+    weights_from_checkpoint, weights_from_dict,
 )
 
 KINDS = ("auto", "checkpoint", "timm", "hf")
@@ -33,17 +32,6 @@ HF_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's resampling codes in preproc
 HF_FILES = ("config.json", "preprocessor_config.json", "model.safetensors", "pytorch_model.bin")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 WEIGHT_SUFFIXES = (".pkl", ".pth", ".pt", ".bin", ".ckpt", ".safetensors")
-
-
-def _require(module: str, purpose: str, package: str | None = None):
-    """Imports an optional dependency, or says in one line what to install."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        package = package or module
-        raise ImportError(f"{purpose} needs {package}: pip install {package}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -218,7 +206,7 @@ def _local(src: str | Path, kind: str) -> Path:
 
 
 def _hub_download(repo_id: str) -> Path:
-    hub = _require("huggingface_hub", "fetching a model from the Hugging Face hub")
+    hub = require("huggingface_hub", "fetching a model from the Hugging Face hub", "convert")
     try:
         return Path(hub.snapshot_download(repo_id, allow_patterns=list(HF_FILES)))
     except Exception as e:  # offline, no such repository, no access: one line either way
@@ -229,7 +217,7 @@ def _hub_download(repo_id: str) -> Path:
 
 def _read_state_dict(path: Path) -> dict:
     if path.suffix == ".safetensors":
-        st = _require("safetensors.torch", "reading .safetensors files", "safetensors")
+        st = require("safetensors.torch", "reading .safetensors files", "convert")
         try:
             return st.load_file(str(path))
         except Exception as e:  # a damaged or foreign file
@@ -379,116 +367,3 @@ def _drop_background(weights: Weights, path: Path) -> Weights:
     fc = {"weight": weights.params["fc"]["weight"][1:].clone(), "bias": weights.params["fc"]["bias"][1:].clone()}
     return weights._replace(config=weights.config.replace(num_classes=1000), params={**weights.params, "fc": fc},
                             classes=weights.classes[1:])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# BatchNorm folding and ONNX
-
-
-def _fold(weight: torch.Tensor, bn: dict, bn_state: dict, eps: float) -> dict:
-    """A convolution followed by BatchNorm in eval as one convolution with a bias: the BN's per-channel scale goes
-    into the weight's output axis (the first, in every layout here), its shift into the bias."""
-    scale = bn["weight"] / torch.sqrt(bn_state["var"] + eps)
-    return {"weight": weight * scale.view(-1, *[1] * (weight.dim() - 1)), "bias": bn["bias"] - bn_state["mean"] * scale}
-
-
-def fold_batchnorm(cfg: Config, params: dict, state: dict) -> dict:
-    """The eval-mode model with every BatchNorm folded into the convolution before it:
-    {"stem": {"conv"}, "blocks": [{"dw", "pw"} or {"conv"}], "fc"}, each conv a {"weight", "bias"}."""
-    eps = cfg.bn_eps
-    folded = {"stem": {"conv": _fold(params["stem"]["conv"]["weight"], params["stem"]["bn"], state["stem"]["bn"], eps)},
-              "blocks": [], "fc": params["fc"]}
-    for p, s in zip(params["blocks"], state["blocks"]):
-        if cfg.full_conv:
-            folded["blocks"].append({"conv": _fold(p["conv"]["weight"], p["bn"], s["bn"], eps)})
-        else:
-            folded["blocks"].append({"dw": _fold(p["dw"]["weight"], p["dw_bn"], s["dw_bn"], eps),
-                                     "pw": _fold(p["pw"]["weight"], p["pw_bn"], s["pw_bn"], eps)})
-    return folded
-
-
-def folded_apply(cfg: Config, folded: dict, x: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) -> (N, num_classes) logits of a ``fold_batchnorm`` tree; equals ``apply`` in eval."""
-    _check_input(cfg, x)
-    act = functools.partial(layers.ACTIVATIONS[cfg.activation], inplace=True)  # on each conv's fresh output
-    x = act(layers.conv_apply(folded["stem"]["conv"], x, stride=STEM[0], padding=cfg.padding))
-    for (stride, _, _), p in zip(cfg.blocks(), folded["blocks"]):
-        if cfg.full_conv:
-            x = act(layers.conv_apply(p["conv"], x, stride=stride, padding=cfg.padding))
-        else:
-            x = act(layers.depthwise_apply(p["dw"], x, stride=stride, padding=cfg.padding))
-            x = act(layers.pointwise_apply(p["pw"], x))
-    return layers.linear_apply(folded["fc"], x.mean((2, 3)))
-
-
-class InferenceModule(torch.nn.Module):
-    """The eval-mode model as an ``nn.Module`` for exporters: the trees are registered as buffers (named by their
-    path, e.g. ``params_blocks_0_dw_weight``) and ``forward`` calls ``apply`` (or ``folded_apply``)."""
-
-    def __init__(self, weights: Weights, fold_bn: bool = False):
-        super().__init__()
-        cfg = weights.config
-        self.cfg, self.fold_bn = cfg, fold_bn
-        trees = {"folded": fold_batchnorm(cfg, weights.params, weights.state)} if fold_bn else {
-            "params": weights.params, "state": weights.state}
-        leaves, self.spec = tree_flatten_with_path(trees)
-        self.names = [re.sub(r"\W+", "_", keystr(path)).strip("_") for path, _ in leaves]
-        for name, (_, t) in zip(self.names, leaves):
-            self.register_buffer(name, t.detach().float().contiguous())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        trees = tree_unflatten([getattr(self, n) for n in self.names], self.spec)
-        if self.fold_bn:
-            return folded_apply(self.cfg, trees["folded"], x)
-        return apply(self.cfg, trees["params"], trees["state"], x, train=False)[0]
-
-
-class ExportError(RuntimeError):
-    """The exported model does not compute what ``apply`` computes."""
-
-
-ONNX_TOLERANCE = 1e-4
-
-
-def export_onnx(weights: Weights, path: str | Path, fold_bn: bool = False, opset: int = 18, *,
-                check: bool = True) -> float | None:
-    """Writes an ONNX model, input "image" (N, C, R, R) with a dynamic batch axis N, output "logits"
-    (N, num_classes), where R is the config's resolution. With ``check``, onnxruntime runs it at batch sizes 1
-    and 3 before it is put in place; returns the largest absolute difference from ``apply`` (an ExportError
-    above 1e-4). The file appears atomically: a temporary file beside ``path``, then a rename."""
-    _require("onnxscript", "exporting ONNX")
-    _require("onnx", "exporting ONNX")
-    cfg = weights.config
-    module = InferenceModule(weights, fold_bn).eval()
-    example = torch.zeros(2, cfg.in_channels, cfg.resolution, cfg.resolution)
-    diff = None
-
-    def write(tmp: str) -> None:
-        nonlocal diff
-        torch.onnx.export(module, (example,), tmp, dynamo=True, input_names=["image"], output_names=["logits"],
-                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, opset_version=opset,
-                          external_data=False, verbose=False)
-        diff = check_onnx(weights, tmp) if check else None
-        if diff is not None and diff > ONNX_TOLERANCE:
-            raise ExportError(f"{path}: not written: onnxruntime's logits differ from apply's by {diff:.2e}")
-
-    atomic_write(path, write, suffix=".onnx")
-    return diff
-
-
-def check_onnx(weights: Weights, path: str | Path, batch_sizes: tuple[int, ...] = (1, 3), seed: int = 0) -> float:
-    """The largest absolute difference between onnxruntime's logits and ``apply``'s on random inputs."""
-    ort = _require("onnxruntime", "checking the exported model")
-    cfg = weights.config
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    generator = torch.Generator().manual_seed(seed)
-    worst = 0.0
-    for n in batch_sizes:
-        x = torch.randn(n, cfg.in_channels, cfg.resolution, cfg.resolution, generator=generator)
-        with torch.no_grad():
-            ref = apply(cfg, weights.params, weights.state, x, train=False)[0]
-        out = torch.from_numpy(session.run(None, {name: x.numpy()})[0])
-        worst = max(worst, (out - ref).abs().max().item())
-    return worst
-

@@ -1,0 +1,259 @@
+"""The training step, built in one place, and the device policy that every command asks.
+
+    policy = device_policy(device, compile="auto", resolution=224, batch=64, images=total_images)
+    step = build_step(cfg, optimizer, policy, label_smoothing=0.1)
+    params, state, opt_state, metrics = step(params, state, opt_state, (x, y), lr)
+
+The step is a pure function built from ``torch.func.grad_and_value`` and an optimizer update, compiled with
+``torch.compile`` where that is faster on the device at hand. The policy says how a model runs on a device
+(compiled or eager, CUDA graphs, channels-last, autocast); its rules are fixed, taken from bench/throughput.py,
+not measured at run time. ``Trainer``, ``--batch-size auto``, ``eval``, ``predict`` and the benchmark all use
+these, so what is measured is what runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from .model import Config, apply, init
+
+COMPILE_BACKEND = "inductor"  # tests swap in a counting backend
+COMPILE_CHOICES = ("auto", "on", "cudagraphs", "off")
+SWITCH_CHOICES = ("auto", "on", "off")
+AMP_CHOICES = ("auto", "bf16", "off")
+
+# On the CPU the compiled step ran 1.2-1.3x as fast as the eager one at 128 px and at alpha 0.5, and about even at
+# 32 px and alpha 1 (bench/throughput.py), but takes a minute or two to compile on 2 cores: worth it from about
+# this much training in a run, counted in 32 x 32 images (the step's cost grows with the pixels). A Fashion-MNIST
+# run of 20 epochs is 1.1 M; `make train`, 60,000.
+CPU_COMPILE_MIN_WORK = 500_000
+
+# CUDA graphs replay a whole step as one launch. On an H100 (bench/throughput.py) they made the step 2.4x as fast
+# at 32 px x 256 (19 ms a step without them, 8 ms with: launch-bound) and 0.96x at 224 px x 256 (22 ms,
+# GPU-bound): they pay while a step holds few pixels.
+CUDA_GRAPHS_MAX_PIXELS = 256 * 128 * 128  # batch x height x width: 128 px x 256, or 224 px x 83
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How the model runs on ``device``: a compiled or eager step (replayed as CUDA graphs or not), activations and
+    weights channels-last or not, autocast to ``amp`` (None: float32)."""
+
+    device: torch.device
+    compiled: bool = False
+    cuda_graphs: bool = False
+    channels_last: bool = False
+    amp: torch.dtype | None = None
+
+    @property
+    def amp_name(self) -> str | None:
+        return str(self.amp).removeprefix("torch.") if self.amp else None
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
+
+    def describe(self) -> str:
+        """e.g. "compiled, CUDA graphs, channels-last, bfloat16"."""
+        return ", ".join(x for x in ("compiled" if self.compiled else "eager", "CUDA graphs" if self.cuda_graphs
+                                     else None, "channels-last" if self.channels_last else None, self.amp_name) if x)
+
+
+def use_compile(flag: str, device: torch.device, resolution: int = 224, images: int | None = None) -> bool:
+    """--compile auto: always on CUDA; on the CPU when the run (``images`` trained on in all, None for a long run)
+    is long enough to repay the compilation."""
+    if flag != "auto":
+        return flag != "off"
+    if device.type != "cpu":
+        return device.type == "cuda"
+    return images is None or images * (resolution / 32) ** 2 >= CPU_COMPILE_MIN_WORK
+
+
+def use_cuda_graphs(flag: str, device: torch.device, resolution: int = 224, batch: int = 256) -> bool:
+    """Whether the compiled step replays as CUDA graphs (torch.compile's "reduce-overhead"): --compile cudagraphs,
+    or auto on CUDA for steps of up to ``CUDA_GRAPHS_MAX_PIXELS``."""
+    if flag != "auto":
+        return flag == "cudagraphs"
+    return device.type == "cuda" and batch * resolution**2 <= CUDA_GRAPHS_MAX_PIXELS
+
+
+def use_channels_last(flag: str, device: torch.device) -> bool:
+    """auto: on for the CPU and CUDA, where PyTorch's channels-last kernels were the faster ones."""
+    return flag == "on" or (flag == "auto" and device.type in ("cuda", "cpu"))
+
+
+def autocast_dtype(flag: str, device: torch.device) -> torch.dtype | None:
+    """auto: bf16 on CUDA, float32 elsewhere."""
+    if flag == "bf16" or (flag == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def device_policy(device: torch.device, *, compile: str = "auto", channels_last: str = "auto", amp: str = "auto",
+                  resolution: int = 224, batch: int = 256, images: int | None = None, distributed: bool = False,
+                  eager_only: bool = False) -> Policy:
+    """The policy for training on ``device``: ``images`` is the run's length (None: long), ``distributed`` a step
+    spread over processes (its collectives replay in no CUDA graph), ``eager_only`` a step that cannot compile
+    (synchronised BatchNorm)."""
+    device = torch.device(device)
+    compiled = use_compile(compile, device, resolution, images) and not eager_only
+    return Policy(device, compiled=compiled,
+                  cuda_graphs=compiled and not distributed and use_cuda_graphs(compile, device, resolution, batch),
+                  channels_last=use_channels_last(channels_last, device), amp=autocast_dtype(amp, device))
+
+
+def inference_policy(device: torch.device) -> Policy:
+    """How ``eval`` and ``predict`` run: eager, float32, channels-last where training uses it."""
+    device = torch.device(device)
+    return Policy(device, channels_last=use_channels_last("auto", device))
+
+
+def to_device(tree, device, channels_last: bool = False):
+    """Moves a tree of tensors; 4-d tensors (full conv weights) go channels-last when asked."""
+
+    def move(t):
+        t = t.to(device)
+        return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+
+    return tree_map(move, tree)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The step
+
+
+def trainable(params: dict, head_only: bool) -> dict:
+    """The part of ``params`` that the optimizer updates: all of it, or only the classifier."""
+    return {"fc": params["fc"]} if head_only else params
+
+
+def initial_state(cfg: Config, optimizer, device, *, seed: int = 0, start: tuple[dict, dict] | None = None,
+                  head_only: bool = False) -> tuple[dict, dict, dict]:
+    """(params, state, opt_state) on ``device`` to start training from: ``init`` drawn from ``seed``, or the
+    (params, state) given as ``start``."""
+    params, state = start if start is not None else init(cfg, torch.Generator().manual_seed(seed))
+    params, state = to_device(params, device), to_device(state, device)
+    return params, state, optimizer.init(trainable(params, head_only))
+
+
+def autograd_grad_and_value(fn: Callable, has_aux: bool = True) -> Callable:
+    """``torch.func.grad_and_value(fn, has_aux=True)``'s contract, computed with ``torch.autograd.grad`` on
+    detached copies of the first argument's leaves: the same numbers, and nothing the caller holds is touched.
+
+    For the eager step: functorch wraps every tensor of every op, which made an eager CPU step about 20 %
+    slower (25 % with ReLU6; bench/throughput.py). A compiled step traces ``torch.func`` into one graph instead.
+    """
+    assert has_aux
+
+    def grad_and_value(primal, *args):
+        leaves, spec = tree_flatten(primal)
+        leaves = [leaf.detach().requires_grad_() for leaf in leaves]
+        with torch.enable_grad():
+            loss, aux = fn(tree_unflatten(leaves, spec), *args)
+            grads = torch.autograd.grad(loss, leaves)
+        return tree_unflatten(list(grads), spec), (loss.detach(), tree_map(torch.Tensor.detach, aux))
+
+    return grad_and_value
+
+
+def make_step(
+    cfg: Config,
+    optimizer,
+    *,
+    label_smoothing: float = 0.0,
+    amp_dtype: torch.dtype | None = None,
+    reduce_grads: Callable | None = None,
+    head_only: bool = False,
+    for_compile: bool = True,
+    bn_reduce: Callable | None = None,
+):
+    """The pure training step for ``cfg`` and ``optimizer``, uncompiled.
+
+    ``reduce_grads`` (distributed) averages the gradient tree across processes. ``head_only`` trains only the
+    classifier on a frozen backbone, which then runs in eval mode (its running statistics are kept too).
+    ``for_compile=False`` takes gradients with ``autograd_grad_and_value``, faster when the step runs eagerly.
+    ``bn_reduce`` (a sum across processes) synchronises BatchNorm; it needs ``for_compile=False``, since its
+    autograd function holds collectives that torch.func does not trace.
+    """
+    grad_and_value = torch.func.grad_and_value if for_compile else autograd_grad_and_value
+
+    def loss_fn(learned, params, state, x, y):
+        ctx = torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+        with ctx:
+            logits, new_state = apply(cfg, {**params, **learned}, state, x, train=not head_only, bn_reduce=bn_reduce)
+        if amp_dtype:
+            logits = logits.float()  # the loss in float32
+        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        return loss, (new_state, logits)
+
+    def step(params, state, opt_state, batch, lr):
+        x, y = batch
+        learned = trainable(params, head_only)
+        grads, (loss, (new_state, logits)) = grad_and_value(loss_fn, has_aux=True)(learned, params, state, x, y)
+        if reduce_grads is not None:
+            grads = reduce_grads(grads)
+        learned, opt_state = optimizer.update(grads, opt_state, learned, lr)
+        correct = (logits.argmax(1) == y).sum()
+        return {**params, **learned}, new_state, opt_state, {"loss": loss.detach(), "correct": correct}
+
+    return step
+
+
+def compile_step(step: Callable, cuda_graphs: bool = False) -> Callable:
+    """``torch.compile(step, fullgraph=True)``. With CUDA graphs each call is marked as a new iteration and its
+    outputs are copied out of the graphs' memory pool, which the next replay overwrites: the caller may keep them
+    (a checkpoint, the best weights) and pass them back in. The copies are of parameter size, not activations."""
+    compiled = torch.compile(step, fullgraph=True, backend=COMPILE_BACKEND,
+                             mode="reduce-overhead" if cuda_graphs else None)
+    if not cuda_graphs:
+        return compiled
+
+    def replay(*args):
+        torch.compiler.cudagraph_mark_step_begin()
+        return tree_map(torch.clone, compiled(*args))
+
+    return replay
+
+
+def build_step(cfg: Config, optimizer, policy: Policy, *, label_smoothing: float = 0.0, head_only: bool = False,
+               reduce_grads: Callable | None = None, bn_reduce: Callable | None = None) -> Callable:
+    """The step as ``policy`` runs it: ``make_step``, compiled (and replayed as CUDA graphs) when it says so."""
+    step = make_step(cfg, optimizer, label_smoothing=label_smoothing, amp_dtype=policy.amp,
+                     reduce_grads=reduce_grads, head_only=head_only, for_compile=policy.compiled,
+                     bn_reduce=bn_reduce)
+    return compile_step(step, policy.cuda_graphs) if policy.compiled else step
+
+
+def largest_batch(cfg: Config, optimizer, policy: Policy, *, start: int = 32,
+                  limit: int = 8192) -> tuple[int, dict[int, int]]:
+    """The largest power-of-two batch whose training step fits in the GPU's memory, and the peak memory (bytes)
+    of each batch size tried. Probes with the eager step (which needs at least the compiled step's memory)."""
+    device = policy.device
+    step = build_step(cfg, optimizer, dataclasses.replace(policy, compiled=False, cuda_graphs=False))
+    params, state, opt_state = initial_state(cfg, optimizer, device)
+    mem = torch.channels_last if policy.channels_last else torch.contiguous_format
+    peaks: dict[int, int] = {}
+    best, batch = 0, start
+    while batch <= limit:
+        try:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            x = torch.randn(batch, cfg.in_channels, cfg.resolution, cfg.resolution, device=device)
+            y = torch.randint(0, cfg.num_classes, (batch,), device=device)
+            step(params, state, opt_state, (x.contiguous(memory_format=mem), y), torch.tensor(0.0, device=device))
+            torch.cuda.synchronize(device)
+            peaks[batch] = torch.cuda.max_memory_allocated(device)
+            del x, y
+            best, batch = batch, batch * 2
+        except torch.OutOfMemoryError:
+            break
+    torch.cuda.empty_cache()
+    if not best:
+        raise ValueError(f"a batch of {start} does not fit in the GPU's memory; pass a smaller --batch-size")
+    return best, peaks
