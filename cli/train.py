@@ -257,6 +257,8 @@ def _run(trainer, run) -> None:
     """Trains, with ``run`` (the RunDir, None on ranks other than 0) writing what each epoch hands over."""
     import signal
 
+    from rich.markup import escape
+
     from mobilenet_fn.train import EpochEvent, NonFiniteLoss
 
     from .progress import TrainProgress
@@ -273,7 +275,8 @@ def _run(trainer, run) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the checkpoint short
         if run is not None:
             path = run.save_last(trainer.checkpoint())
-            err.print(f"Interrupted. Saved {path}; continue with: mobilenet-fn train --resume {run.path}")
+            err.print(escape(f"Interrupted. Saved {path}; continue with: mobilenet-fn train --resume {run.path}"),
+                      highlight=False, soft_wrap=True)
         raise typer.Exit(143 if isinstance(e, Terminated) else 130)
     except NonFiniteLoss as e:
         fail(str(e), code=1)

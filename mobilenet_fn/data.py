@@ -413,6 +413,14 @@ class _Files(torch.utils.data.Dataset):
             return self.transform(image), label
 
 
+def _leave_sigterm_to_the_trainer(worker_id: int) -> None:
+    """A scheduler's SIGTERM often reaches every process of the job: the training process saves a checkpoint and
+    then stops the workers, which must not die first (the loader would turn that into a crash)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _collate(items):
     good = [(x, y) for x, y in items if x is not None]
     bad = [p for x, p in items if x is None]
@@ -478,7 +486,7 @@ def batches(
     files = _Files(items, preprocess, (seed, epoch) if train and augment else None)
     loader = torch.utils.data.DataLoader(
         files, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
-        pin_memory=device.type == "cuda",
+        pin_memory=device.type == "cuda", worker_init_fn=_leave_sigterm_to_the_trainer,
     )
     for i, (x, y, bad) in enumerate(loader, start=start):
         if x is None:

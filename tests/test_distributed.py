@@ -113,3 +113,25 @@ def test_a_killed_rank_stops_the_whole_job_quickly(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_torchrun_job_saves_last_ckpt_and_exits_143(tmp_path):
+    # As a scheduler does: SIGTERM to every process of the job (the launcher and both ranks).
+    proc = subprocess.Popen([*CLI, "--nproc", "2", "--epochs", "50", "--out", str(tmp_path / "run")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not (tmp_path / "run" / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert (tmp_path / "run" / "last.ckpt").exists(), "training did not get going"
+        time.sleep(1.0)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "Interrupted. Saved" in stderr and "--resume" in stderr
+    ckpt = load_checkpoint(tmp_path / "run" / "last.ckpt")
+    assert ckpt["world"] == 2 and ckpt["step"] == ckpt["epoch"] * 62 + ckpt["batch_in_epoch"]

@@ -88,3 +88,29 @@ def test_nothing_readable_and_missing_paths_are_one_line(tmp_path, weights):
     assert result.exit_code == 2 and "no readable images" in result.output and "Traceback" not in result.output
     one_line_error(invoke("predict", tmp_path / "w.pkl", tmp_path / "missing.jpg"), "no such file or folder")
     one_line_error(invoke("predict", tmp_path / "w.pkl", tmp_path / "broken.png", "--device", "cuda:7"), "cuda")
+
+
+def test_eval_and_predict_preprocess_the_same_file_to_the_same_tensor(tmp_path):
+    """One eval preprocessing: validation and `eval` (data.batches on files) and `predict` (eval_image) give the
+    same tensor for the same JPEG, and it is the resize and centre crop a reference computes independently."""
+    import numpy as np
+    from PIL import Image
+
+    from mobilenet_fn.data import FileSource, batches
+    from mobilenet_fn.preprocess import eval_image, model_input
+
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(torch.randint(0, 256, (61, 90, 3), dtype=torch.uint8, generator=g).numpy()).save(path, quality=95)
+    pre = preprocess_for(32, crop_pct=0.875, stats=STATS, interpolation="bicubic")  # 61x90 -> short side 36 -> 32
+    from_eval = next(batches(FileSource([(str(path), 0)]), pre, batch_size=4, train=False)).x
+    from_predict = model_input(eval_image(path, pre)[None], pre)
+    assert torch.equal(from_eval, from_predict)
+
+    with Image.open(path) as im:
+        pixels = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float()
+    resized = torch.nn.functional.interpolate(pixels[None], size=(36, 53), mode="bicubic", antialias=True,
+                                              align_corners=False).clamp(0, 255).round()
+    top, left = (36 - 32) // 2, (53 - 32) // 2
+    expected = model_input(resized[:, :, top: top + 32, left: left + 32] / 255, pre)
+    assert (from_predict - expected).abs().max() <= 1.01 / 255 / min(STATS["std"])  # within one grey level

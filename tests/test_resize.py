@@ -397,3 +397,23 @@ def test_bad_usage_is_one_line_exit_2_and_writes_nothing(raw, args):
     assert result.output.startswith("Error:") and len(result.output.strip().splitlines()) == 1, result.output
     assert "Traceback" not in result.output
     assert digest(raw.parent) == before
+
+
+# ---------------------------------------------------------------------------------------------- resize, then train
+
+
+def test_a_folder_resize_wrote_trains_on_every_image_it_holds(tmp_path):
+    from mobilenet_fn import data as data_lib
+
+    names = ("a.jpg", "b.jpeg", "c.jpe", "d.jfif", "e.png", "f.ppm", "g.pgm", "h.webp", "i.bmp", "j.tiff")
+    for cls, colour in (("red", RED), ("blue", BLUE)):
+        for name in names:
+            save(tmp_path / "raw" / cls / name, Image.new("L" if name.endswith(".pgm") else "RGB", (40, 30),
+                                                          80 if name.endswith(".pgm") else colour))
+        (tmp_path / "raw" / cls / "notes.txt").write_text("not an image")
+    report = resize_tree(tmp_path / "raw", tmp_path / "out", size=32, resize_to=32)
+    assert report["written"] == 2 * len(names) and report["failed"] == 0 and report["not_images"] == 2
+    for folder in ("raw", "out"):
+        ds = data_lib.load(str(tmp_path / folder), resolution=32, val_split=0.2)
+        assert len(ds.train) + len(ds.val) == 2 * len(names), folder
+        assert sorted(Path(p).name for p in ds.ignored) == (["notes.txt"] * 2 if folder == "raw" else [])

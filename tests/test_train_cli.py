@@ -153,10 +153,12 @@ def test_folder_with_corrupt_images_trains_and_records_the_split(tmp_path):
         for i in range(20):
             _image(root / c / f"{i:02d}.png", tuple(max(0, v - 3 * i) for v in color))
     (root / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "blue" / "labels.csv").write_text("not an image")
     result = train("--data", root, "--resolution", "32", "--batch-size", "8", "--epochs", "1",
                    "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output
     assert "Skipped 1 unreadable image" in result.output
+    assert "Ignored 1 file(s) that are not images" in result.output and "labels.csv" in result.output
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["skipped_files"] == 1
     split = json.loads((tmp_path / "run" / "split.json").read_text())
     assert split["kind"] == "split" and len(split["val"]) == 2 * 4 + 0  # 20% of 20 (+ the broken file: 21)
@@ -206,3 +208,76 @@ def test_fine_tuning_converted_timm_weights_improves_over_the_reinitialised_head
     before = evaluate(tuned.config, params, start.state, sample.val, sample.preprocess, batch_size=250)
     after = json.loads((tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()[-1])["val_top1"]
     assert after > before["top1"] + 0.05  # random timm weights: a real but modest gain in one epoch
+
+
+def _colour_folder(root, n=20):
+    for c, color in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+        for i in range(n):
+            _image(root / c / f"{i:02d}.png", tuple(max(0, v - 3 * i) for v in color))
+    return root
+
+
+def _interrupt_after(monkeypatch, epoch: int, batches: int):
+    """Ctrl-C once ``batches`` batches of ``epoch`` (0-based) have been trained on."""
+    real = data_lib.batches
+
+    def interrupted(*args, **kwargs):
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if kwargs.get("train") and kwargs["epoch"] == epoch and i == batches:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(data_lib, "batches", interrupted)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_a_folder_run_stopped_mid_epoch_resumes_bit_identically(tmp_path, monkeypatch, workers):
+    # Each image's augmentation is drawn from (seed, epoch, image): not from the worker that loads it, nor from
+    # where in the epoch the run started.
+    root = _colour_folder(tmp_path / "photos")
+    args = ["--data", root, "--resolution", "32", "--batch-size", "8", "--epochs", "2", "--workers", workers]
+    assert train(*args, "--out", tmp_path / "straight").exit_code == 0
+    with monkeypatch.context() as m:
+        _interrupt_after(m, epoch=1, batches=2)
+        stopped = train(*args, "--out", tmp_path / "resumed")
+    assert stopped.exit_code == 130 and "--resume" in stopped.output
+    ckpt = load_checkpoint(tmp_path / "resumed" / "last.ckpt")
+    assert (ckpt["epoch"], ckpt["batch_in_epoch"]) == (1, 2)  # written by the Ctrl-C handler, mid-epoch
+    resumed = runner.invoke(app, ["train", "--resume", str(tmp_path / "resumed"), "--device", "cpu"])
+    assert resumed.exit_code == 0, resumed.output
+    a, b = load_checkpoint(tmp_path / "straight" / "last.ckpt"), load_checkpoint(tmp_path / "resumed" / "last.ckpt")
+    assert_trees_close((a["params"], a["state"], a["opt_state"]), (b["params"], b["state"], b["opt_state"]),
+                       atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_position_says_how_to_resume_and_exits_143(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = _colour_folder(tmp_path / "photos", n=100)
+    run = tmp_path / "run"
+    # Its own process group, signalled as a whole, as schedulers do: the loader's worker gets SIGTERM too.
+    proc = subprocess.Popen([sys.executable, "-m", "mobilenet_fn", "train", *FAST[:-2], "--workers", "1",
+                             "--data", str(root), "--resolution", "32", "--batch-size", "4", "--epochs", "100",
+                             "--out", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not (run / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert (run / "last.ckpt").exists(), f"training did not get going: {proc.poll()}"
+        time.sleep(1.0)  # into the second epoch
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "Interrupted. Saved" in stderr and f"--resume {run}" in stderr and "Traceback" not in stderr
+    ckpt = load_checkpoint(run / "last.ckpt")
+    assert ckpt["step"] == ckpt["epoch"] * 40 + ckpt["batch_in_epoch"] and ckpt["batch_in_epoch"] > 0
