@@ -20,7 +20,7 @@ on all cores, on --count (default 400 in this mode) 1024×768 JPEGs, alternating
 It prints the median and range of each, the ratio of the medians, and the CPU (model name, AVX2/AVX-512). No PSNR
 in this mode (the outputs are the same as in the default mode). --command says how to start mobilenet-fn (default:
 the `mobilenet-fn` beside this Python, else `python -m mobilenet_fn`); it inherits this environment, PYTHONPATH
-included.
+included. Give --command more than once to time several (two checkouts, say) in the same alternation.
 """
 
 from __future__ import annotations
@@ -111,8 +111,9 @@ def time_command(command: list[str], src: Path, out: Path, count: int) -> float:
     """One whole `mobilenet-fn resize SRC --out OUT` process, start-up included."""
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    subprocess.run([*command, "resize", str(src), "--out", str(out)], check=True, stdin=subprocess.DEVNULL,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # From a folder holding no code: `python -m` would put the working directory first on sys.path.
+    subprocess.run([*command, "resize", str(src), "--out", str(out)], check=True, cwd=src.parent,
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seconds = time.perf_counter() - start
     written = sum(1 for p in out.rglob("*.jpg"))
     assert written == count, f"{written} outputs, expected {count}"
@@ -137,15 +138,16 @@ def cpu_line() -> str:
 
 
 def end_to_end(args, photos: list[Path]) -> None:
-    command = shlex.split(args.command) if args.command else default_command()
+    commands = [shlex.split(c) for c in args.command] if args.command else [default_command()]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "src").mkdir()
         files = make_inputs(photos, args.count, tmp / "src")
-        contenders = {
-            "mobilenet-fn resize (whole process)": lambda: time_command(command, tmp / "src", tmp / "ours", args.count),
-            "ImageMagick mogrify (whole process)": lambda: time_imagemagick(files, tmp / "magick"),
-        }
+        contenders = {}  # name → a function timing one whole process
+        for i, command in enumerate(commands):
+            name = "mobilenet-fn resize" + (f" #{i + 1}" if len(commands) > 1 else "") + " (whole process)"
+            contenders[name] = lambda command=command: time_command(command, tmp / "src", tmp / "ours", args.count)
+        contenders["ImageMagick mogrify (whole process)"] = lambda: time_imagemagick(files, tmp / "magick")
         seconds = {name: [] for name in contenders}
         for _ in range(args.rounds):
             for name, timed in contenders.items():
@@ -153,16 +155,16 @@ def end_to_end(args, photos: list[Path]) -> None:
     print(cpu_line())
     print(f"{args.count} JPEGs 1024×768 from {len(photos)} photos ({', '.join(p.name for p in photos)}); "
           f"median of {args.rounds} alternating rounds; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"{'':<40}{'median s':>10}{'min s':>8}{'max s':>8}{'img/s':>8}")
-    medians = {}
+    print(f"{'':<44}{'median s':>10}{'min s':>8}{'max s':>8}{'img/s':>8}")
+    medians = {name: statistics.median(times) for name, times in seconds.items()}
     for name, times in seconds.items():
-        medians[name] = statistics.median(times)
-        print(f"{name:<40}{medians[name]:>10.3f}{min(times):>8.3f}{max(times):>8.3f}{args.count / medians[name]:>8.1f}")
-    ours, magick = medians.values()
-    print(f"end to end: mobilenet-fn resize is {magick / ours:.1f}× ImageMagick (target ≥ 5×)")
-    print(f"ours: {shlex.join(command)} resize SRC --out OUT (crop 224 from 256, JPEG q95 4:4:4); ImageMagick: "
-          f"{MOGRIFY} -path OUT -resize {RESIZE_TO}x{RESIZE_TO}^ -gravity center -extent {SIZE}x{SIZE} -quality 95 "
-          "-sampling-factor 1x1 FILES")
+        print(f"{name:<44}{medians[name]:>10.3f}{min(times):>8.3f}{max(times):>8.3f}{args.count / medians[name]:>8.1f}")
+    magick = medians.pop("ImageMagick mogrify (whole process)")
+    for (name, ours), command in zip(medians.items(), commands):
+        print(f"end to end: {name.removesuffix(' (whole process)')} is {magick / ours:.1f}× ImageMagick "
+              f"(target ≥ 5×): {shlex.join(command)} resize SRC --out OUT")
+    print(f"Both on all cores. Ours: crop 224 from 256, JPEG q95 4:4:4; ImageMagick: {MOGRIFY} -path OUT -resize "
+          f"{RESIZE_TO}x{RESIZE_TO}^ -gravity center -extent {SIZE}x{SIZE} -quality 95 -sampling-factor 1x1 FILES")
 
 
 def reference_ours(image: Image.Image) -> Image.Image:
@@ -205,8 +207,9 @@ def main() -> None:
     parser.add_argument("--photos", type=Path, nargs="*", help="real photographs to make the inputs from")
     parser.add_argument("--end-to-end", action="store_true", help="time whole `mobilenet-fn resize` processes "
                         "(start-up included) against mogrify")
-    parser.add_argument("--command", help="how to start mobilenet-fn in --end-to-end, e.g. "
-                        "'python -m mobilenet_fn' (default: the mobilenet-fn beside this Python)")
+    parser.add_argument("--command", action="append", help="how to start mobilenet-fn in --end-to-end, e.g. "
+                        "'python -m mobilenet_fn' (default: the mobilenet-fn beside this Python); give it again "
+                        "to time several, e.g. two checkouts: 'env PYTHONPATH=../old python -m mobilenet_fn'")
     args = parser.parse_args()
     args.count = args.count or (400 if args.end_to_end else 300)
     args.rounds = args.rounds or (5 if args.end_to_end else 3)
