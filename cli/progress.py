@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from mobilenet_fn.train import EpochEvent, StartEvent, StepEvent
-
 from .common import err
 
 COLUMNS = ("epoch", "train loss", "train top-1", "val loss", "val top-1", "val top-5", "lr", "img/s", "data wait",
@@ -43,6 +41,9 @@ class TrainProgress:
     def show(self, event) -> None:
         if not self.enabled:
             return
+        # Here, not at the top: mobilenet_fn.train imports torch, and `import mobilenet_fn.cli` must not.
+        from mobilenet_fn.train import EpochEvent, StartEvent, StepEvent
+
         if isinstance(event, StartEvent):
             how = ", ".join(x for x in ("compiled" if event.compiled else "eager",
                                         "CUDA graphs" if event.cuda_graphs else None,

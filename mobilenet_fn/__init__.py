@@ -1,10 +1,56 @@
-"""MobileNet v1 as a pure function of a parameter tree, trained with torch.func and torch.compile."""
+"""MobileNet v1 as a pure function of a parameter tree, trained with torch.func and torch.compile.
 
-from .count import count
-from .model import Config, apply, features, init, resolution_for_rho
-from .weights import Weights, load_weights, save_weights
+The public names below are imported on first use (PEP 562), so ``import mobilenet_fn`` (and the command line,
+whose ``--help`` and ``resize`` never need it) does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "init", "apply", "features", "count", "resolution_for_rho", "Weights", "load_weights",
-           "save_weights", "__version__"]
+# name → the submodule that defines it
+_LAZY = {
+    "Config": "model", "init": "model", "apply": "model", "features": "model", "fold_batchnorm": "model",
+    "resolution_for_rho": "model",
+    "count": "count",
+    "Weights": "weights", "load_weights": "weights", "save_weights": "weights",
+}
+
+__all__ = ["Config", "init", "apply", "features", "fold_batchnorm", "resolution_for_rho", "count", "Weights",
+           "load_weights", "save_weights", "__version__"]
+
+if TYPE_CHECKING:
+    from .count import count
+    from .model import Config, apply, features, fold_batchnorm, init, resolution_for_rho
+    from .weights import Weights, load_weights, save_weights
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule ``mobilenet_fn.count`` (``from mobilenet_fn.count import …``) binds it to the
+    package's name ``count``; the public ``count`` is the function, so the function is kept there instead."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name and value.__name__ == f"{__name__}.{name}":
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
