@@ -7,8 +7,6 @@ whose ``--help`` and ``resize`` never need it) does not import torch.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -17,7 +15,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "Config": "model", "init": "model", "apply": "model", "features": "model", "fold_batchnorm": "model",
     "resolution_for_rho": "model",
-    "count": "count",
+    "count": "tables",
     "Weights": "weights", "load_weights": "weights", "save_weights": "weights",
 }
 
@@ -25,7 +23,7 @@ __all__ = ["Config", "init", "apply", "features", "fold_batchnorm", "resolution_
            "load_weights", "save_weights", "__version__"]
 
 if TYPE_CHECKING:
-    from .count import count
+    from .tables import count
     from .model import Config, apply, features, fold_batchnorm, init, resolution_for_rho
     from .weights import Weights, load_weights, save_weights
 
@@ -41,16 +39,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    """Importing the submodule ``mobilenet_fn.count`` (``from mobilenet_fn.count import …``) binds it to the
-    package's name ``count``; the public ``count`` is the function, so the function is kept there instead."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name and value.__name__ == f"{__name__}.{name}":
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
