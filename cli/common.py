@@ -17,6 +17,17 @@ ALPHA = Annotated[float, typer.Option("--alpha", "-a", help="Width multiplier α
 RHO = Annotated[float | None, typer.Option("--rho", help="Resolution multiplier ρ: input round(224·ρ).")]
 
 
+FORCE = Annotated[bool, typer.Option("--force", help="Replace the output file if it exists.")]
+
+
+def refuse_existing(output, force: bool) -> None:
+    """An -o/--output file is only replaced with --force."""
+    if output.is_dir():
+        fail(f"{output}: is a folder; give a file name")
+    if output.exists() and not force:
+        fail(f"{output}: already exists; pass --force to replace it")
+
+
 class UserError(Exception):
     """A mistake of the user's: shown as one line, exit code 2."""
 

@@ -8,18 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from .common import err, fail, user_errors
-
-FORCE = Annotated[bool, typer.Option("--force", help="Replace the output file if it exists.")]
-
-
-def refuse_existing(output: Path, force: bool) -> None:
-    """An -o/--output file is only replaced with --force."""
-    if output.is_dir():
-        fail(f"{output}: is a folder; give a file name")
-    if output.exists() and not force:
-        fail(f"{output}: already exists; pass --force to replace it")
-
+from .common import FORCE, err, refuse_existing, user_errors
 
 def describe(weights) -> str:
     cfg, pre = weights.config, weights.preprocess

@@ -8,8 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from .common import err, fail, user_errors
-from .convert import FORCE, refuse_existing
+from .common import FORCE, err, fail, refuse_existing, user_errors
 
 
 @user_errors

@@ -45,10 +45,7 @@ class TrainProgress:
         from mobilenet_fn.train import EpochEvent, StartEvent, StepEvent
 
         if isinstance(event, StartEvent):
-            how = ", ".join(x for x in ("compiled" if event.compiled else "eager",
-                                        "CUDA graphs" if event.cuda_graphs else None,
-                                        "channels-last" if event.channels_last else None, event.amp) if x)
-            err.print(f"Training on {event.device} ({how}): epochs {event.epoch + 1}-{event.epochs}, "
+            err.print(f"Training on {event.device} ({event.policy}): epochs {event.epoch + 1}-{event.epochs}, "
                       f"{event.batches} steps each")
             if event.compiled:
                 err.print("Compiling the step (a minute or two on a small CPU)…")

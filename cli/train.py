@@ -259,7 +259,7 @@ def _run(trainer, run) -> None:
 
     from rich.markup import escape
 
-    from mobilenet_fn.train import EpochEvent, NonFiniteLoss
+    from mobilenet_fn.train import CheckpointEvent, EpochEvent, NonFiniteLoss
 
     from .progress import TrainProgress
 
@@ -268,8 +268,10 @@ def _run(trainer, run) -> None:
     try:
         with view:
             for event in trainer.run():
-                if run is not None and isinstance(event, EpochEvent):
-                    run.record(event.metrics, event.checkpoint, event.weights)
+                if run is not None and isinstance(event, CheckpointEvent):
+                    run.save_epoch(event.checkpoint, event.weights)
+                elif run is not None and isinstance(event, EpochEvent):
+                    run.append_metrics(event.metrics)
                 view.show(event)
     except KeyboardInterrupt as e:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the checkpoint short

@@ -385,13 +385,13 @@ def _train_transform(preprocess: dict):
 def item_seed(seed: int, epoch: int, index: int) -> int:
     """The seed of one item's augmentation in one epoch: a function of the item, not of the worker, process or
     position that happens to load it, so a resumed or re-sharded run draws the same crops."""
-    return (seed * 1_000_003 + epoch) * 100_000_007 + index
+    return ((seed * 1_000_003 + epoch) * 100_000_007 + index) % 2**63  # what a torch.Generator takes
 
 
 class _Files(torch.utils.data.Dataset):
     """Image files as uint8 (3, R, R) tensors, each item a (source index, path, label); an unreadable file gives
-    None, which the collate drops. ``augment`` = (preprocess, seed, epoch) draws a random resized crop and flip
-    from the item's own seed; otherwise the eval preprocessing."""
+    None, which the collate drops. ``augment`` = (seed, epoch) draws a random resized crop and flip from the
+    item's own seed; None gives the eval preprocessing."""
 
     def __init__(self, items, preprocess: dict, augment: tuple[int, int] | None):
         self.items, self.preprocess, self.augment = items, preprocess, augment
@@ -408,8 +408,9 @@ class _Files(torch.utils.data.Dataset):
             image = read_rgb(path)
         except IMAGE_ERRORS:
             return None, path
-        with torch.random.fork_rng(devices=[]):  # torchvision draws from the global RNG; the caller's stays put
-            torch.manual_seed(item_seed(*self.augment, index))
+        # torchvision draws from the global CPU RNG: seed it for this item, and give the caller's state back.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(item_seed(*self.augment, index))
             return self.transform(image), label
 
 
@@ -484,9 +485,12 @@ def batches(
 
     items = [(k, *source.samples[k]) for k in idx[start * batch_size: n_batches * batch_size].tolist()]
     files = _Files(items, preprocess, (seed, epoch) if train and augment else None)
+    # The loader's own generator: without one it draws its base seed from the global RNG, which a checkpoint
+    # restores; the draw would then shift the dropout masks of a resumed run.
     loader = torch.utils.data.DataLoader(
         files, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
-        pin_memory=device.type == "cuda", worker_init_fn=_leave_sigterm_to_the_trainer,
+        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch),
+        worker_init_fn=_leave_sigterm_to_the_trainer if train else None,
     )
     for i, (x, y, bad) in enumerate(loader, start=start):
         if x is None:

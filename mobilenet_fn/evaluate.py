@@ -7,21 +7,22 @@ import torch.nn.functional as F
 
 from . import data as data_lib
 from .model import Config, apply, fold_batchnorm
-from .step import Policy
+from .step import Policy, inference_policy
 
 
 def evaluate(
     cfg: Config, params: dict, state: dict, source, preprocess: dict, *, batch_size: int = 256,
-    policy: Policy = Policy(torch.device("cpu")), workers: int = 0, shard: tuple[int, int] = (0, 1), reduce=None,
+    policy: Policy | None = None, workers: int = 0, shard: tuple[int, int] = (0, 1), reduce=None,
 ) -> dict:
     """Metrics of the model on every item of ``source`` (fractions in [0, 1]), run as ``policy`` says (its device,
-    memory format and autocast) with ``params`` and ``state`` already on that device.
+    memory format and autocast; by default ``eval``'s on the CPU) with ``params`` and ``state`` on that device.
 
     Returns {"top1", "top5", "loss", "n", "per_class": [accuracy or None], "confusion": (K, K) long tensor
     (rows: true class, columns: predicted), "skipped": [unreadable files]}. With ``shard=(rank, world)`` each
     process sees its share and ``reduce`` (a sum across processes) combines the counts, giving the same result.
     """
     k = cfg.num_classes
+    policy = policy or inference_policy(torch.device("cpu"))
     device = policy.device
     confusion = torch.zeros(k, k, dtype=torch.long, device=device)
     top5 = torch.zeros((), dtype=torch.long, device=device)

@@ -156,11 +156,6 @@ def init(cfg: Config, generator: torch.Generator | None = None) -> tuple[dict, d
 BATCHNORM_OF = {"conv": "bn", "dw": "dw_bn", "pw": "pw_bn"}
 
 
-def is_folded(params: dict) -> bool:
-    """Whether ``params`` is a ``fold_batchnorm`` tree (convolutions with biases, no BatchNorm)."""
-    return "bn" not in params["stem"]
-
-
 def fold_batchnorm(cfg: Config, params: dict, state: dict) -> dict:
     """The eval-mode model with every BatchNorm folded into the convolution before it: the same tree without the
     BatchNorm entries, each convolution a {"weight", "bias"}. ``apply(cfg, folded, None, x, train=False)`` and
@@ -186,9 +181,9 @@ def _trunk(cfg: Config, params: dict, state: dict | None, x: torch.Tensor, train
     act = functools.partial(layers.ACTIVATIONS[cfg.activation], inplace=True)
     bn = dict(train=train, momentum=cfg.bn_momentum, eps=cfg.bn_eps, reduce=bn_reduce)
 
-    def unit(conv, p: dict, s: dict, name: str, x: torch.Tensor, new: dict) -> torch.Tensor:
+    def unit(convolve, p: dict, s: dict, name: str, x: torch.Tensor, new: dict) -> torch.Tensor:
         """Convolution ``name`` of the block ``p``, its BatchNorm unless folded, the activation."""
-        x = conv(p[name], x)
+        x = convolve(p[name], x)
         norm = BATCHNORM_OF[name]
         if norm in p:
             x, new[norm] = layers.batchnorm_apply(p[norm], s[norm], x, **bn)

@@ -9,7 +9,8 @@
         weights.pkl     that epoch's inference weights
         curves.png      loss and accuracy per epoch
 
-Every file appears whole or not at all (``files.atomic_write``). An existing folder is never created over.
+Every file appears whole or not at all (``files.atomic_write``), except metrics.jsonl, which grows by a flushed
+line per epoch. An existing folder is never created over.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def default_run_dir(data: str, cfg: Config, root: Path = Path("runs")) -> Path:
 
 
 class RunDir:
-    """One run's folder. ``create`` a new one or ``open`` an existing one; then ``record`` each epoch's event."""
+    """One run's folder. ``create`` a new one or ``open`` an existing one; then save each epoch's files."""
 
     def __init__(self, path: Path, metrics: list[dict]):
         self.path = Path(path)
@@ -78,13 +79,16 @@ class RunDir:
         save_checkpoint(self.path / "last.ckpt", checkpoint)
         return self.path / "last.ckpt"
 
-    def record(self, metrics: dict, checkpoint: dict, weights: Weights | None) -> None:
-        """One finished epoch: best.ckpt and weights.pkl when ``weights`` (the epoch is the best so far), last.ckpt,
-        and a line of metrics.jsonl."""
+    def save_epoch(self, checkpoint: dict, weights: Weights | None) -> None:
+        """A validated epoch: best.ckpt and weights.pkl when ``weights`` is given (the best epoch so far), then
+        last.ckpt."""
         if weights is not None:
             save_checkpoint(self.path / "best.ckpt", checkpoint)
             save_weights(self.weights_path, weights)
         self.save_last(checkpoint)
+
+    def append_metrics(self, metrics: dict) -> None:
+        """A line of metrics.jsonl."""
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
             f.flush()

@@ -7,8 +7,8 @@
 The step is a pure function built from ``torch.func.grad_and_value`` and an optimizer update, compiled with
 ``torch.compile`` where that is faster on the device at hand. The policy says how a model runs on a device
 (compiled or eager, CUDA graphs, channels-last, autocast); its rules are fixed, taken from bench/throughput.py,
-not measured at run time. ``Trainer``, ``--batch-size auto``, ``eval``, ``predict`` and the benchmark all use
-these, so what is measured is what runs.
+not measured at run time. ``Trainer``, ``--batch-size auto`` and the benchmark build their steps here, and
+``eval`` and ``predict`` take ``inference_policy``, so what is measured is what runs.
 """
 
 from __future__ import annotations
@@ -114,14 +114,9 @@ def inference_policy(device: torch.device) -> Policy:
     return Policy(device, channels_last=use_channels_last("auto", device))
 
 
-def to_device(tree, device, channels_last: bool = False):
-    """Moves a tree of tensors; 4-d tensors (full conv weights) go channels-last when asked."""
-
-    def move(t):
-        t = t.to(device)
-        return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
-
-    return tree_map(move, tree)
+def to_device(tree, device):
+    """A tree of tensors moved to ``device``."""
+    return tree_map(lambda t: t.to(device), tree)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -244,9 +239,10 @@ def largest_batch(cfg: Config, optimizer, policy: Policy, *, start: int = 32,
         try:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-            x = torch.randn(batch, cfg.in_channels, cfg.resolution, cfg.resolution, device=device)
+            x = torch.randn(batch, cfg.in_channels, cfg.resolution, cfg.resolution, device=device).contiguous(
+                memory_format=mem)  # one copy alive, in the layout the step gets
             y = torch.randint(0, cfg.num_classes, (batch,), device=device)
-            step(params, state, opt_state, (x.contiguous(memory_format=mem), y), torch.tensor(0.0, device=device))
+            step(params, state, opt_state, (x, y), torch.tensor(0.0, device=device))
             torch.cuda.synchronize(device)
             peaks[batch] = torch.cuda.max_memory_allocated(device)
             del x, y

@@ -95,11 +95,17 @@ class StepEvent:
 
 
 @dataclass
+class CheckpointEvent:
+    """What to keep of an epoch just validated, handed over on rank 0 before anything else can stop the run."""
+
+    checkpoint: dict  # last.ckpt, and best.ckpt when ``weights`` is given
+    weights: Weights | None  # the inference weights of this epoch, when it is the best so far
+
+
+@dataclass
 class EpochEvent:
-    metrics: dict
+    metrics: dict  # with the test set's metrics of the best epoch after the last epoch, where there is a test set
     best: bool  # the best validation epoch so far
-    checkpoint: dict | None = None  # to write as last.ckpt (and best.ckpt when best); None on ranks other than 0
-    weights: Weights | None = None  # the best epoch's inference weights, when this epoch is the best and rank 0
 
 
 @dataclass
@@ -108,11 +114,9 @@ class StartEvent:
     epochs: int
     batches: int
     device: str
+    policy: str  # how the step runs, e.g. "compiled, CUDA graphs, channels-last, bfloat16"
     compiled: bool
-    channels_last: bool
-    amp: str | None
     skipped_files: int = 0
-    cuda_graphs: bool = False
 
 
 @dataclass
@@ -157,7 +161,9 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------------------------
     def start_fresh(self, start: tuple[dict, dict] | None = None) -> None:
-        """Parameters drawn from the seed, or ``start`` = (params, state) to fine-tune from."""
+        """Parameters drawn from the seed, or ``start`` = (params, state) to fine-tune from. Torch's global RNG
+        (dropout), which checkpoints carry on, is seeded too: a run is a function of its options alone."""
+        torch.manual_seed(self.opts.seed)
         self.params, self.state, self.opt_state = initial_state(
             self.cfg, self.optimizer, self.device, seed=self.opts.seed, start=start,
             head_only=self.opts.freeze_backbone)
@@ -216,8 +222,8 @@ class Trainer:
         """Trains from ``self.epoch``/``self.batch_in_epoch`` to ``opts.epochs``, yielding events."""
         step = self.build_step()
         opts, policy = self.opts, self.policy
-        yield StartEvent(self.epoch, opts.epochs, self.batches, str(self.device), policy.compiled,
-                         policy.channels_last, policy.amp_name, len(self.skipped), policy.cuda_graphs)
+        yield StartEvent(self.epoch, opts.epochs, self.batches, str(self.device), policy.describe(), policy.compiled,
+                         len(self.skipped))
         while self.epoch < opts.epochs:
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), device=self.device)
@@ -289,13 +295,11 @@ class Trainer:
             cpu_trees = (to_device(self.params, "cpu"), to_device(self.state, "cpu"))  # one copy for all uses
             if improved:
                 self.best, self.best_weights = dict(metrics), cpu_trees
-            event = EpochEvent(metrics, improved)
             if self.rank == 0:
-                event.checkpoint = self.checkpoint(cpu_trees)
-                event.weights = self.best_weights_file() if improved else None
+                yield CheckpointEvent(self.checkpoint(cpu_trees), self.best_weights_file() if improved else None)
             if self.epoch == opts.epochs and self.dataset.test is not None:
                 metrics.update(self.test_best())
-            yield event
+            yield EpochEvent(metrics, improved)
 
     def validate(self, source, params=None, state=None) -> dict:
         """Metrics on ``source``, each process evaluating its shard and the counts summed."""

@@ -125,6 +125,7 @@ def test_sigterm_to_a_torchrun_job_saves_last_ckpt_and_exits_143(tmp_path):
         while not (tmp_path / "run" / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
         assert (tmp_path / "run" / "last.ckpt").exists(), "training did not get going"
+        first = (tmp_path / "run" / "last.ckpt").stat().st_ino  # each write is a new file, renamed
         time.sleep(1.0)
         os.killpg(proc.pid, signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
@@ -134,4 +135,6 @@ def test_sigterm_to_a_torchrun_job_saves_last_ckpt_and_exits_143(tmp_path):
     assert proc.returncode == 143, stderr[-3000:]
     assert "Interrupted. Saved" in stderr and "--resume" in stderr
     ckpt = load_checkpoint(tmp_path / "run" / "last.ckpt")
-    assert ckpt["world"] == 2 and ckpt["step"] == ckpt["epoch"] * 62 + ckpt["batch_in_epoch"]
+    assert (tmp_path / "run" / "last.ckpt").stat().st_ino != first  # written where the signal stopped the job
+    assert ckpt["world"] == 2
+    assert ckpt["step"] == ckpt["epoch"] * 62 + ckpt["batch_in_epoch"]

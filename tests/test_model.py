@@ -173,8 +173,10 @@ def test_the_batchnorm_folded_tree_runs_the_same_walk_to_the_same_outputs(change
     assert set(folded["stem"]) == {"conv"} and set(folded["stem"]["conv"]) == {"weight", "bias"}
     assert set(folded["blocks"][0]) == ({"conv"} if cfg.full_conv else {"dw", "pw"})
     assert folded["fc"] is params["fc"]
-    # NCHW and channels-last: the latter runs the 1x1 maps of a 32 px input as a matrix product and a centre tap.
-    for x in (x, x.contiguous(memory_format=torch.channels_last)):
+    # NCHW and channels-last (the 1x1 maps of a 32 px input: a matrix product and a centre tap), and a
+    # non-square input, whose TF padding differs per axis.
+    odd = torch.randn(1, 3, size + 1, size + 15, generator=torch.Generator().manual_seed(3))
+    for x in (x, x.contiguous(memory_format=torch.channels_last), odd.contiguous(memory_format=torch.channels_last)):
         ref, _ = apply(cfg, params, state, x, train=False)
         out, _ = apply(cfg, folded, None, x, train=False)
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)

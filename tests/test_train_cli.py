@@ -211,9 +211,14 @@ def test_fine_tuning_converted_timm_weights_improves_over_the_reinitialised_head
 
 
 def _colour_folder(root, n=20):
-    for c, color in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+    """Two classes of noisy pictures (a random crop or flip of each changes its pixels), red ones and blue ones."""
+    g = torch.Generator().manual_seed(0)
+    for c, channel in (("red", 0), ("blue", 2)):
         for i in range(n):
-            _image(root / c / f"{i:02d}.png", tuple(max(0, v - 3 * i) for v in color))
+            pixels = torch.randint(0, 120, (40, 40, 3), dtype=torch.uint8, generator=g)
+            pixels[..., channel] += 120
+            (root / c).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels.numpy()).save(root / c / f"{i:02d}.png")
     return root
 
 
@@ -234,9 +239,10 @@ def _interrupt_after(monkeypatch, epoch: int, batches: int):
 @pytest.mark.parametrize("workers", [0, 1, 2])
 def test_a_folder_run_stopped_mid_epoch_resumes_bit_identically(tmp_path, monkeypatch, workers):
     # Each image's augmentation is drawn from (seed, epoch, image): not from the worker that loads it, nor from
-    # where in the epoch the run started.
+    # where in the epoch the run started. Dropout draws from torch's RNG, which the checkpoint restores.
     root = _colour_folder(tmp_path / "photos")
-    args = ["--data", root, "--resolution", "32", "--batch-size", "8", "--epochs", "2", "--workers", workers]
+    args = ["--data", root, "--resolution", "32", "--batch-size", "8", "--epochs", "2", "--workers", workers,
+            "--dropout", "0.2"]
     assert train(*args, "--out", tmp_path / "straight").exit_code == 0
     with monkeypatch.context() as m:
         _interrupt_after(m, epoch=1, batches=2)
@@ -259,7 +265,7 @@ def test_sigterm_saves_the_position_says_how_to_resume_and_exits_143(tmp_path):
     import sys
     import time
 
-    root = _colour_folder(tmp_path / "photos", n=100)
+    root = _colour_folder(tmp_path / "photos", n=300)
     run = tmp_path / "run"
     # Its own process group, signalled as a whole, as schedulers do: the loader's worker gets SIGTERM too.
     proc = subprocess.Popen([sys.executable, "-m", "mobilenet_fn", "train", *FAST[:-2], "--workers", "1",
@@ -271,7 +277,8 @@ def test_sigterm_saves_the_position_says_how_to_resume_and_exits_143(tmp_path):
         while not (run / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
         assert (run / "last.ckpt").exists(), f"training did not get going: {proc.poll()}"
-        time.sleep(1.0)  # into the second epoch
+        first = (run / "last.ckpt").stat().st_ino  # the end of epoch 1 (each write is a new file, renamed)
+        time.sleep(1.5)  # into epoch 2, of 120 steps
         os.killpg(proc.pid, signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
     finally:
@@ -280,4 +287,5 @@ def test_sigterm_saves_the_position_says_how_to_resume_and_exits_143(tmp_path):
     assert proc.returncode == 143, stderr[-2000:]
     assert "Interrupted. Saved" in stderr and f"--resume {run}" in stderr and "Traceback" not in stderr
     ckpt = load_checkpoint(run / "last.ckpt")
-    assert ckpt["step"] == ckpt["epoch"] * 40 + ckpt["batch_in_epoch"] and ckpt["batch_in_epoch"] > 0
+    assert (run / "last.ckpt").stat().st_ino != first  # written again, where the signal stopped the run
+    assert ckpt["step"] == ckpt["epoch"] * 120 + ckpt["batch_in_epoch"] and ckpt["epoch"] >= 1
