@@ -1,10 +1,11 @@
-"""A quick reproducer of the teardown race of 2-process Gloo runs (tests/test_distributed.py's CLI test).
+"""A small reproducer of the teardown race of 2-process Gloo runs (tests/test_distributed.py's CLI test).
 
-Run as ``torchrun --standalone --nproc-per-node 2 bench/teardown_race.py [--no-fix]``: both ranks do the
+Run as ``torchrun --standalone --nproc-per-node 2 bench/teardown_race.py [--raw]``: both ranks do the
 collectives of a training epoch (the step's functional all-reduce, the epoch's reduce_sum, check_in_sync, the
 validation's reduce_sum); then rank 1 tears down and exits at once while rank 0 keeps working a while (as it
 writes checkpoints and plots), which is the moment rank 1 used to abort in. Repeat it in a loop and count exit
-codes; ``--raw`` uses a bare destroy_process_group() instead of distributed.teardown().
+codes (the abort is rare: tens of runs); ``--raw`` calls destroy_process_group() itself (no barrier, no
+check) instead of distributed.teardown().
 """
 
 import sys
