@@ -138,3 +138,20 @@ def test_sigterm_to_a_torchrun_job_saves_last_ckpt_and_exits_143(tmp_path):
     assert (tmp_path / "run" / "last.ckpt").stat().st_ino != first  # written where the signal stopped the job
     assert ckpt["world"] == 2
     assert ckpt["step"] == ckpt["epoch"] * 62 + ckpt["batch_in_epoch"]
+
+
+def test_teardown_waits_for_every_rank_then_frees_the_group_and_its_threads():
+    # Gloo threads left running into interpreter shutdown aborted rank 1 now and then (SIGABRT); here, after
+    # teardown(), the group and its threads are gone on both ranks.
+    done = torchrun(2, str(HERE / "teardown_worker.py"), "clean", timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 0: torn down" in done.stdout and "rank 1: torn down" in done.stdout
+    assert "outlives destroy_process_group" not in done.stderr
+
+
+def test_a_failing_rank_tears_down_without_waiting_for_the_others():
+    start = time.time()
+    failed = torchrun(2, str(HERE / "teardown_worker.py"), "error", timeout=120)
+    assert failed.returncode != 0
+    assert "rank 0 fails" in failed.stderr
+    assert time.time() - start < 60
