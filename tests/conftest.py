@@ -1,3 +1,10 @@
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils._pytree import tree_flatten
@@ -33,3 +40,28 @@ def assert_trees_close(a, b, **kw):
     assert sa == sb
     for x, y in zip(la, lb):
         torch.testing.assert_close(x, y, **kw)
+
+
+@contextlib.contextmanager
+def training_process(cmd: list, run: Path, env: dict | None = None):
+    """Starts the training command ``cmd`` (which writes the run folder ``run``) in its own process group, as a
+    scheduler would, and yields it once its first last.ckpt exists; whatever is left of the group is killed on the
+    way out."""
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not (run / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert (run / "last.ckpt").exists(), f"training did not get going (exit code {proc.poll()})"
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, *, after: float = 0.0, timeout: float = 60) -> str:
+    """Sends ``sig`` to the whole process group ``after`` seconds; returns its stderr once it has exited."""
+    time.sleep(after)
+    os.killpg(proc.pid, sig)
+    return proc.communicate(timeout=timeout)[1]

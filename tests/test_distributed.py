@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_trees_close
+from conftest import assert_trees_close, stop, training_process
 from mobilenet_fn.weights import load_checkpoint
 
 HERE = Path(__file__).parent
@@ -94,49 +94,31 @@ def _children(pid: int) -> list[int]:
 
 
 def test_a_killed_rank_stops_the_whole_job_within_seconds(tmp_path):
-    proc = subprocess.Popen([*CLI, "--nproc", "2", "--epochs", "50", "--out", str(tmp_path / "run")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
-    try:
-        deadline = time.time() + 180
-        while not (tmp_path / "run" / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        assert (tmp_path / "run" / "last.ckpt").exists(), "training did not get going"
+    with training_process([*CLI, "--nproc", "2", "--epochs", "50", "--out", tmp_path / "run"], tmp_path / "run",
+                          ENV) as proc:
         workers = _children(proc.pid)
         assert len(workers) == 2
         os.kill(workers[1], signal.SIGKILL)
         killed = time.time()
         _, stderr = proc.communicate(timeout=30)
         assert time.time() - killed < 15  # "within seconds", as the README says
-        assert proc.returncode != 0
-        assert "stopped" in stderr and "--resume" in stderr
-        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)  # no rank left training
-        load_checkpoint(tmp_path / "run" / "last.ckpt")  # still a valid checkpoint
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank it started
+    assert proc.returncode != 0
+    assert "stopped" in stderr and "--resume" in stderr
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)  # no rank left training
+    load_checkpoint(tmp_path / "run" / "last.ckpt")  # still a valid checkpoint
 
 
 @pytest.mark.slow
 def test_sigterm_to_a_torchrun_job_saves_last_ckpt_and_exits_143(tmp_path):
     # As a scheduler does: SIGTERM to every process of the job (the launcher and both ranks).
-    proc = subprocess.Popen([*CLI, "--nproc", "2", "--epochs", "50", "--out", str(tmp_path / "run")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
-    try:
-        deadline = time.time() + 180
-        while not (tmp_path / "run" / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        assert (tmp_path / "run" / "last.ckpt").exists(), "training did not get going"
-        first = (tmp_path / "run" / "last.ckpt").stat().st_ino  # each write is a new file, renamed
-        time.sleep(1.0)
-        os.killpg(proc.pid, signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    run = tmp_path / "run"
+    with training_process([*CLI, "--nproc", "2", "--epochs", "50", "--out", run], run, ENV) as proc:
+        first = (run / "last.ckpt").stat().st_ino  # each write is a new file, renamed
+        stderr = stop(proc, after=1.0)
     assert proc.returncode == 143, stderr[-3000:]
     assert "Interrupted. Saved" in stderr and "--resume" in stderr
-    ckpt = load_checkpoint(tmp_path / "run" / "last.ckpt")
-    assert (tmp_path / "run" / "last.ckpt").stat().st_ino != first  # written where the signal stopped the job
+    ckpt = load_checkpoint(run / "last.ckpt")
+    assert (run / "last.ckpt").stat().st_ino != first  # written where the signal stopped the job
     assert ckpt["world"] == 2
     assert ckpt["step"] == ckpt["epoch"] * 62 + ckpt["batch_in_epoch"]
 
@@ -168,18 +150,8 @@ def test_a_torchrun_job_stopped_mid_epoch_resumes_bit_identically(tmp_path):
                               timeout=300, env=ENV)
     assert straight.returncode == 0, straight.stderr[-3000:]
     run = tmp_path / "stopped"
-    proc = subprocess.Popen([*args, "--out", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=ENV, start_new_session=True)
-    try:
-        deadline = time.time() + 180
-        while not (run / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.1)
-        time.sleep(0.5)
-        os.killpg(proc.pid, signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    with training_process([*args, "--out", run], run, ENV) as proc:
+        stderr = stop(proc, after=0.5)
     assert proc.returncode == 143, stderr[-3000:]
     stopped_at = load_checkpoint(run / "last.ckpt")
     assert stopped_at["epoch"] < 3

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import assert_trees_close
+from conftest import assert_trees_close, stop, training_process
 from mobilenet_fn import data as data_lib
 from mobilenet_fn import step as step_lib
 from mobilenet_fn.cli.main import app
@@ -259,31 +259,16 @@ def test_a_folder_run_stopped_mid_epoch_resumes_bit_identically(tmp_path, monkey
 
 @pytest.mark.slow
 def test_sigterm_saves_the_position_says_how_to_resume_and_exits_143(tmp_path):
-    import os
-    import signal
-    import subprocess
     import sys
-    import time
 
     root = _colour_folder(tmp_path / "photos", n=300)
     run = tmp_path / "run"
     # Its own process group, signalled as a whole, as schedulers do: the loader's worker gets SIGTERM too.
-    proc = subprocess.Popen([sys.executable, "-m", "mobilenet_fn", "train", *FAST[:-2], "--workers", "1",
-                             "--data", str(root), "--resolution", "32", "--batch-size", "4", "--epochs", "100",
-                             "--out", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 180
-        while not (run / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        assert (run / "last.ckpt").exists(), f"training did not get going: {proc.poll()}"
+    with training_process([sys.executable, "-m", "mobilenet_fn", "train", *FAST[:-2], "--workers", "1",
+                           "--data", root, "--resolution", "32", "--batch-size", "4", "--epochs", "100",
+                           "--out", run], run) as proc:
         first = (run / "last.ckpt").stat().st_ino  # the end of epoch 1 (each write is a new file, renamed)
-        time.sleep(1.5)  # into epoch 2, of 120 steps
-        os.killpg(proc.pid, signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stderr = stop(proc, after=1.5)  # into epoch 2, of 120 steps
     assert proc.returncode == 143, stderr[-2000:]
     assert "Interrupted. Saved" in stderr and f"--resume {run}" in stderr and "Traceback" not in stderr
     ckpt = load_checkpoint(run / "last.ckpt")
