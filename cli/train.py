@@ -186,9 +186,8 @@ def _head_for(start, cfg, seed: int):
 
 def _launch(nproc: int) -> None:
     """Runs this same command in ``nproc`` processes through torch.distributed.run (what torchrun does)."""
-    import sys
-
     import os
+    import sys
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

@@ -24,6 +24,7 @@ from .files import find_files
 from .preprocess import (
     IMAGE_ERRORS, eval_image, interpolation_mode, model_input, preprocess_for, read_rgb, resize_center_crop,
 )
+
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
