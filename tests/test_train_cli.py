@@ -21,15 +21,17 @@ def train(*args):
     return runner.invoke(app, ["train", *FAST, *map(str, args)])
 
 
-def _interrupt_at_epoch(monkeypatch, epoch):
+def _interrupt_after(monkeypatch, epoch: int, batches: int):
+    """Ctrl-C once ``batches`` batches of ``epoch`` (0-based) have been trained on."""
     real = data_lib.batches
 
-    def batches(*args, **kwargs):
-        if kwargs.get("train") and kwargs["epoch"] == epoch:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
+    def interrupted(*args, **kwargs):
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if kwargs.get("train") and kwargs["epoch"] == epoch and i == batches:
+                raise KeyboardInterrupt
+            yield batch
 
-    monkeypatch.setattr(data_lib, "batches", batches)
+    monkeypatch.setattr(data_lib, "batches", interrupted)
 
 
 def test_run_folder_and_resume_after_ctrl_c_is_bit_identical(tmp_path, monkeypatch):
@@ -45,17 +47,43 @@ def test_run_folder_and_resume_after_ctrl_c_is_bit_identical(tmp_path, monkeypat
     assert all(0 <= m[k] <= 1 for m in lines for k in ("train_top1", "val_top1", "val_top5"))
 
     with monkeypatch.context() as m:
-        _interrupt_at_epoch(m, 1)
+        _interrupt_after(m, epoch=1, batches=5)  # mid-epoch 2: only the Ctrl-C handler can have saved this
         stopped = train("--epochs", 2, "--out", tmp_path / "resumed")
     assert stopped.exit_code == 130
     assert "--resume" in stopped.output
-    assert load_checkpoint(tmp_path / "resumed" / "last.ckpt")["epoch"] == 1
+    ckpt = load_checkpoint(tmp_path / "resumed" / "last.ckpt")
+    assert (ckpt["epoch"], ckpt["batch_in_epoch"]) == (1, 5)
     resumed = runner.invoke(app, ["train", "--resume", str(tmp_path / "resumed"), "--device", "cpu"])
     assert resumed.exit_code == 0, resumed.output
     a = load_checkpoint(run / "last.ckpt")
     b = load_checkpoint(tmp_path / "resumed" / "last.ckpt")
     assert_trees_close((a["params"], a["state"], a["opt_state"]), (b["params"], b["state"], b["opt_state"]),
                        atol=0, rtol=0)
+
+
+def test_weights_are_the_best_epoch_not_the_last(tmp_path, monkeypatch):
+    # Real training, with validation results crafted so that epoch 2 is worse than epoch 1.
+    from mobilenet_fn.train import Trainer
+
+    real = Trainer.validate
+    top1 = {1: 0.9, 2: 0.1}
+
+    def validate(self, source, params=None, state=None):
+        result = real(self, source, params, state)
+        return {**result, "top1": top1[self.epoch]} if source is self.dataset.val else result
+
+    monkeypatch.setattr(Trainer, "validate", validate)
+    result = train("--epochs", 2, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert "Best val top-1 90.00% (epoch 1)" in result.output
+    run = tmp_path / "run"
+    best, last, weights = (load_checkpoint(run / "best.ckpt"), load_checkpoint(run / "last.ckpt"),
+                           load_weights(run / "weights.pkl"))
+    assert (best["epoch"], last["epoch"]) == (1, 2)
+    assert_trees_close((weights.params, weights.state), (best["params"], best["state"]), atol=0, rtol=0)
+    assert not torch.equal(weights.params["fc"]["weight"], last["params"]["fc"]["weight"])
+    assert not torch.equal(weights.state["stem"]["bn"]["mean"], last["state"]["stem"]["bn"]["mean"])
+    assert weights.metrics["epoch"] == 1 and weights.metrics["val_top1"] == 0.9
 
 
 def test_one_epoch_then_resume_with_more_epochs_is_bit_identical(tmp_path):
@@ -215,19 +243,6 @@ def _colour_folder(root, n=20):
         for i in range(n):
             _image(root / c / f"{i:02d}.png", tuple(max(0, v - 3 * i) for v in color))
     return root
-
-
-def _interrupt_after(monkeypatch, epoch: int, batches: int):
-    """Ctrl-C once ``batches`` batches of ``epoch`` (0-based) have been trained on."""
-    real = data_lib.batches
-
-    def interrupted(*args, **kwargs):
-        for i, batch in enumerate(real(*args, **kwargs)):
-            if kwargs.get("train") and kwargs["epoch"] == epoch and i == batches:
-                raise KeyboardInterrupt
-            yield batch
-
-    monkeypatch.setattr(data_lib, "batches", interrupted)
 
 
 @pytest.mark.slow
