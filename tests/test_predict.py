@@ -85,7 +85,11 @@ def test_folder_walk_table_and_unreadable_images(tmp_path, weights):
 def test_nothing_readable_and_missing_paths_are_one_line(tmp_path, weights):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG garbage")
     result = invoke("predict", tmp_path / "w.pkl", tmp_path / "broken.png")
-    assert result.exit_code == 2 and "no readable images" in result.output and "Traceback" not in result.output
+    # Each unreadable file is reported on its own line first, then the error: one line each, no traceback.
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.rstrip("\n").split("\n") == [
+        f"Skipped {tmp_path / 'broken.png'}: cannot identify image file '{tmp_path / 'broken.png'}'",
+        "Error: no readable images among 1 file(s)"]
     one_line_error(invoke("predict", tmp_path / "w.pkl", tmp_path / "missing.jpg"), "no such file or folder")
     one_line_error(invoke("predict", tmp_path / "w.pkl", tmp_path / "broken.png", "--device", "cuda:7"), "cuda")
 
