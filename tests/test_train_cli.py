@@ -35,6 +35,7 @@ def _interrupt_after(monkeypatch, epoch: int, batches: int):
     monkeypatch.setattr(data_lib, "batches", interrupted)
 
 
+@pytest.mark.slow
 def test_run_folder_and_resume_after_ctrl_c_is_bit_identical(tmp_path, monkeypatch):
     straight = train("--epochs", 2, "--out", tmp_path / "straight")
     assert straight.exit_code == 0, straight.output
@@ -62,6 +63,7 @@ def test_run_folder_and_resume_after_ctrl_c_is_bit_identical(tmp_path, monkeypat
                        atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_weights_are_the_best_epoch_not_the_last(tmp_path, monkeypatch):
     # Real training, with validation results crafted so that epoch 2 is worse than epoch 1.
     from mobilenet_fn.train import Trainer
@@ -87,6 +89,7 @@ def test_weights_are_the_best_epoch_not_the_last(tmp_path, monkeypatch):
     assert weights.metrics["epoch"] == 1 and weights.metrics["val_top1"] == 0.9
 
 
+@pytest.mark.slow
 def test_one_epoch_then_resume_with_more_epochs_is_bit_identical(tmp_path):
     # A constant schedule does not depend on the total, so raising --epochs on resume changes nothing.
     assert train("--epochs", 2, "--schedule", "constant", "--out", tmp_path / "a").exit_code == 0
@@ -98,6 +101,7 @@ def test_one_epoch_then_resume_with_more_epochs_is_bit_identical(tmp_path):
     assert_trees_close(a["params"], b["params"], atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_a_cuda_graph_run_resumes_on_the_cpu(tmp_path):
     from mobilenet_fn.weights import save_checkpoint
 
@@ -109,6 +113,7 @@ def test_a_cuda_graph_run_resumes_on_the_cpu(tmp_path):
     assert load_checkpoint(tmp_path / "run" / "last.ckpt")["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_weights_reproduce_the_reported_validation_accuracy(tmp_path):
     assert train("--epochs", 1, "--out", tmp_path / "run").exit_code == 0
     reported = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["val_top1"]
@@ -117,6 +122,7 @@ def test_weights_reproduce_the_reported_validation_accuracy(tmp_path):
     assert json.loads(result.stdout)["top1"] == pytest.approx(reported, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_compiles_once_over_two_epochs_with_a_changing_learning_rate(tmp_path, monkeypatch):
     from torch._dynamo.testing import CompileCounter
 
@@ -210,6 +216,7 @@ def test_fine_tune_from_weights_reinitialises_a_different_head(tmp_path):
     one_line_error(clash, "--alpha")
 
 
+@pytest.mark.slow
 def test_fine_tuning_converted_timm_weights_improves_over_the_reinitialised_head(tmp_path):
     timm = pytest.importorskip("timm")
     from mobilenet_fn import layers
