@@ -156,12 +156,46 @@ def test_hf_bin_beside_its_config(tmp_path):
         convert_file(folder / "pytorch_model.bin")
 
 
-def test_hub_id_offline_is_one_line(tmp_path, monkeypatch):
+HUB_ID = "google/mobilenet_v1_1.0_224"
+
+
+def isolated_hub(tmp_path, monkeypatch):
+    """An empty Hugging Face home and hub cache in ``tmp_path``, offline: no cache of this machine's (nor the
+    network) can answer. huggingface_hub reads these variables when it is imported, which may already have
+    happened (transformers imports it), so its constants are set too."""
     import huggingface_hub.constants
 
+    home, cache = tmp_path / "hf-home", tmp_path / "hf-home" / "hub"
+    for name, value in (("HF_HOME", str(home)), ("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(home))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    one_line_error(invoke("convert", "google/mobilenet_v1_1.0_224", "-o", tmp_path / "w.pkl"),
-                   "google/mobilenet_v1_1.0_224", "Hugging Face hub")
+    return cache
+
+
+def test_hub_id_offline_is_one_line(tmp_path, monkeypatch):
+    isolated_hub(tmp_path, monkeypatch)
+    one_line_error(invoke("convert", HUB_ID, "-o", tmp_path / "w.pkl"), HUB_ID, "Hugging Face hub")
+    assert not (tmp_path / "w.pkl").exists()
+
+
+def test_hub_id_is_converted_from_the_local_hub_cache(tmp_path, monkeypatch):
+    # The hub cache's layout: models--<org>--<name>/refs/main names the snapshot folder holding the files.
+    cache = isolated_hub(tmp_path, monkeypatch)
+    model, folder = hf_model(tmp_path, 0.25, seed=6, image_processor=True)  # whatever the id says: the files rule
+    repo, commit = cache / "models--google--mobilenet_v1_1.0_224", "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots").mkdir()
+    folder.rename(repo / "snapshots" / commit)
+    result = invoke("convert", HUB_ID, "-o", tmp_path / "w.pkl")
+    assert result.exit_code == 0, result.output
+    w = load_weights(tmp_path / "w.pkl")
+    assert (w.config.alpha, w.config.padding, w.config.num_classes) == (0.25, "tf", 1001)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(w, x), model(x).logits, atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -45,3 +45,34 @@ def test_share_by_type_is_table_2():
 
 def test_rho_maps_to_224_rho():
     assert [resolution_for_rho(r) for r in (1.0, 0.857, 0.714, 0.571)] == [224, 192, 160, 128]
+
+
+# What Tables 4 to 7 of the paper (arXiv:1704.04861) print: (million mult-adds, million parameters), each config
+# as the row names it. Rounded to the printed digits, the exact counts give these numbers, except the rows in
+# NOT_AS_PRINTED: the paper's own rounding (or counting) differs there by one in the last digit.
+PRINTED = {
+    "Table 4: MobileNet": (dict(), (569, 4.2)),
+    "Table 4: Conv MobileNet": (dict(full_conv=True), (4866, 29.3)),
+    "Table 5: 0.75 MobileNet": (dict(alpha=0.75), (325, 2.6)),
+    "Table 5: Shallow MobileNet": (dict(shallow=True), (307, 2.9)),
+    "Table 6: 1.0 MobileNet-224": (dict(alpha=1.0), (569, 4.2)),
+    "Table 6: 0.75 MobileNet-224": (dict(alpha=0.75), (325, 2.6)),
+    "Table 6: 0.5 MobileNet-224": (dict(alpha=0.5), (149, 1.3)),
+    "Table 6: 0.25 MobileNet-224": (dict(alpha=0.25), (41, 0.5)),
+    "Table 7: 1.0 MobileNet-224": (dict(resolution=224), (569, 4.2)),
+    "Table 7: 1.0 MobileNet-192": (dict(resolution=192), (418, 4.2)),
+    "Table 7: 1.0 MobileNet-160": (dict(resolution=160), (290, 4.2)),
+    "Table 7: 1.0 MobileNet-128": (dict(resolution=128), (186, 4.2)),
+}
+# row -> (what the exact count rounds to, as the paper's digits): 4,867,293,184 and 290,675,200 mult-adds.
+NOT_AS_PRINTED = {"Table 4: Conv MobileNet": (4867, 29.3), "Table 7: 1.0 MobileNet-160": (291, 4.2)}
+
+
+@pytest.mark.parametrize("row", PRINTED)
+def test_counts_rounded_as_the_paper_prints_them(row):
+    kwargs, printed = PRINTED[row]
+    result = count(Config(**kwargs))
+    rounded = (round(result["macs"] / 1e6), round(result["params"] / 1e6, 1))
+    assert rounded == NOT_AS_PRINTED.get(row, printed)
+    if row in NOT_AS_PRINTED:  # off by one in the last printed digit of the mult-adds, the parameters as printed
+        assert abs(rounded[0] - printed[0]) == 1 and rounded[1] == printed[1]

@@ -92,6 +92,7 @@ def test_per_sample_gradients_with_vmap_equal_a_loop():
         assert_trees_close(tree_map(lambda t: t[i], batched), single, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_compiles_with_fullgraph_and_matches_eager():
     cfg = Config(alpha=0.25, num_classes=10)
     params, state = init(cfg)

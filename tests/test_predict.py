@@ -85,7 +85,11 @@ def test_folder_walk_table_and_unreadable_images(tmp_path, weights):
 def test_nothing_readable_and_missing_paths_are_one_line(tmp_path, weights):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG garbage")
     result = invoke("predict", tmp_path / "w.pkl", tmp_path / "broken.png")
-    assert result.exit_code == 2 and "no readable images" in result.output and "Traceback" not in result.output
+    # Each unreadable file is reported on its own line first, then the error: one line each, no traceback.
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.rstrip("\n").split("\n") == [
+        f"Skipped {tmp_path / 'broken.png'}: cannot identify image file '{tmp_path / 'broken.png'}'",
+        "Error: no readable images among 1 file(s)"]
     one_line_error(invoke("predict", tmp_path / "w.pkl", tmp_path / "missing.jpg"), "no such file or folder")
     one_line_error(invoke("predict", tmp_path / "w.pkl", tmp_path / "broken.png", "--device", "cuda:7"), "cuda")
 
@@ -114,3 +118,50 @@ def test_eval_and_predict_preprocess_the_same_file_to_the_same_tensor(tmp_path):
     top, left = (36 - 32) // 2, (53 - 32) // 2
     expected = model_input(resized[:, :, top: top + 32, left: left + 32] / 255, pre)
     assert (from_predict - expected).abs().max() <= 1.01 / 255 / min(STATS["std"])  # within one grey level
+
+
+def test_eval_per_class_accuracy_and_confusion_plot_match_the_model(tmp_path):
+    # Classes listed in the weights in another order than the folders sort in: the labels must be remapped.
+    w = make_weights(Config(alpha=0.25, resolution=32, num_classes=6), seed=5)
+    w = w._replace(preprocess=preprocess_for(32, crop_pct=1.0, stats=STATS), classes=list("fedcba"))
+    g = torch.Generator().manual_seed(1)
+    images = {name: [torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=g)
+                     for _ in range(1 + label % 4)] for label, name in enumerate(w.classes)}  # 1 to 4 a class
+    # A random network gives nearly every image the same class: centre the logits over these images (the bias)
+    # and scale them, so that the predictions vary from image to image.
+    logits = torch.stack([expected_probs(w, x).log() for xs in images.values() for x in xs])
+    fc = {"weight": w.params["fc"]["weight"] * 30, "bias": -30 * (logits.mean(0) - w.params["fc"]["bias"])}
+    w = w._replace(params={**w.params, "fc": fc})
+    save_weights(tmp_path / "w.pkl", w)
+    truth, predicted = [], []
+    for label, name in enumerate(w.classes):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i, pixels in enumerate(images[name]):
+            save_image(tmp_path / "data" / name / f"{i}.png", pixels)
+            truth.append(label)
+            predicted.append(expected_probs(w, pixels).argmax().item())
+    counts = {c: truth.count(k) for k, c in enumerate(w.classes)}
+    right = {c: sum(t == p == k for t, p in zip(truth, predicted)) for k, c in enumerate(w.classes)}
+    expected = {c: right[c] / counts[c] for c in w.classes}
+    assert 0 < sum(right.values()) < len(truth) and len(set(predicted)) > 1  # neither trivial nor constant
+
+    args = ["eval", tmp_path / "w.pkl", "--data", tmp_path / "data", "--device", "cpu", "--workers", 0]
+    result = invoke(*args, "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["per_class"] == pytest.approx(expected) and out["n"] == len(truth)
+    assert out["top1"] == pytest.approx(sum(right.values()) / len(truth))
+
+    result = invoke(*args, "--plot", tmp_path / "cm.png")
+    assert result.exit_code == 0, result.output
+    rows = [[c.strip() for c in line.strip("│ ").split("│")] for line in result.stdout.splitlines()
+            if line.startswith("│")]
+    assert rows == [[c, str(counts[c]), f"{100 * expected[c]:.2f}%"] for c in w.classes]
+    assert f"top-1 {100 * out['top1']:.2f}%" in result.stdout and f"({len(truth)} images)" in result.stdout
+    png = (tmp_path / "cm.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and 5_000 < len(png) < 2_000_000
+    with Image.open(tmp_path / "cm.png") as image:
+        image.verify()
+    with Image.open(tmp_path / "cm.png") as image:
+        assert image.format == "PNG" and 200 <= min(image.size) and max(image.size) <= 4000
+        assert len(image.convert("RGB").getcolors(1 << 16) or range(1 << 16)) > 10  # a figure, not a blank

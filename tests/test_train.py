@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_leaves, tree_map, tree_unflatten
 
 from conftest import assert_trees_close, randomize_batchnorm
 from mobilenet_fn import Config, apply, init
@@ -96,12 +96,30 @@ def test_adamw_matches_torch_optim_without_decay():
     _torch_optimizer_matches(adamw(), lambda ps: torch.optim.AdamW(ps, lr=0.05, weight_decay=0.0))
 
 
-@pytest.mark.parametrize("name", ["sgd", "adamw"])
+@pytest.mark.parametrize("name", ["sgd", "adamw", "rmsprop"])
 def test_optimizers_match_torch_optim_with_masked_weight_decay_on_a_whole_model(name):
     # Every leaf of a real tree, decayed or not (torch.optim with two parameter groups), over three steps.
+    # torch's RMSprop has another convention (mean square from 0, eps outside the root): rmsprop is compared with
+    # TensorFlow's rule written out in _tf_rmsprop, the decay on exactly the leaves listed here by name.
     params, _ = init(Config(alpha=0.25, num_classes=3), torch.Generator().manual_seed(0))
     leaves, spec = tree_flatten(params)
     mask = tree_leaves(decay_mask(params))
+    names = [[getattr(k, "key", None) for k in path] for path, _ in tree_flatten_with_path(params)[0]]
+    by_name = [path[-1] == "weight" and path[-2] in ("conv", "pw", "fc") for path in names]
+    assert by_name == mask and 0 < sum(mask) < len(mask)
+    if name == "rmsprop":
+        ours, g = rmsprop(weight_decay=0.01), torch.Generator().manual_seed(1)
+        grads_per_step = [[torch.randn(t.shape, generator=g) for t in leaves] for _ in range(3)]
+        opt_state = ours.init(params)
+        for grads in grads_per_step:
+            params, opt_state = ours.update(tree_unflatten(grads, spec), opt_state, params, torch.tensor(0.05))
+        expected = _tf_rmsprop(leaves, grads_per_step, 0.05, weight_decay=0.01, decayed=by_name)
+        undecayed = _tf_rmsprop(leaves, grads_per_step, 0.05)
+        for mine, ref, plain, decays in zip(tree_leaves(params), expected, undecayed, by_name):
+            torch.testing.assert_close(mine.double(), ref, atol=1e-6, rtol=1e-5)
+            assert decays == (not torch.allclose(ref, plain, atol=1e-7, rtol=0))  # the decay did reach these
+            assert mine.is_contiguous()
+        return
     refs = [torch.nn.Parameter(t.clone()) for t in leaves]
     groups = [{"params": [r for r, m in zip(refs, mask) if m], "weight_decay": 0.01},
               {"params": [r for r, m in zip(refs, mask) if not m], "weight_decay": 0.0}]
@@ -123,14 +141,38 @@ def test_optimizers_match_torch_optim_with_masked_weight_decay_on_a_whole_model(
         assert mine.is_contiguous()
 
 
+def _tf_rmsprop(params, grads_per_step, lr, *, decay=0.9, momentum=0.9, eps=1e-3, weight_decay=0.0, decayed=None):
+    """TensorFlow's RMSProp written out leaf by leaf in plain float64 arithmetic, independently of optim.py:
+    ms starts at 1; g <- g + wd * p on the decayed leaves (L2 coupled into the gradient);
+    ms <- decay ms + (1 - decay) g^2; mom <- momentum mom + lr g / sqrt(ms + eps); p <- p - mom."""
+    p = [t.double().clone() for t in params]
+    decayed = decayed if decayed is not None else [False] * len(p)
+    ms = [torch.ones_like(t) for t in p]
+    mom = [torch.zeros_like(t) for t in p]
+    for grads in grads_per_step:
+        for i, g in enumerate(grads):
+            g = g.double() + (weight_decay * p[i] if decayed[i] else 0.0)
+            ms[i] = decay * ms[i] + (1 - decay) * g * g
+            mom[i] = momentum * mom[i] + lr * g / torch.sqrt(ms[i] + eps)
+            p[i] = p[i] - mom[i]
+    return p
+
+
 def test_rmsprop_is_tensorflows():
-    # TF: ms <- 0.9 ms + 0.1 g^2 (ms starts at 1); mom <- 0.9 mom + lr g / sqrt(ms + eps); p <- p - mom
-    p, g = {"w": torch.tensor([1.0])}, {"w": torch.tensor([2.0])}
+    # Three steps, so that the momentum buffer and the running mean square both carry over between steps.
+    torch.manual_seed(0)
+    w = torch.randn(5, 4)
+    grads = [torch.randn(5, 4) * (i + 1) for i in range(3)]
     opt = rmsprop(decay=0.9, momentum=0.9, eps=1e-3)
-    p1, s1 = opt.update(g, opt.init(p), p, torch.tensor(0.1))
-    ms = 0.9 * 1 + 0.1 * 4
-    expected = 1.0 - 0.1 * 2 / (ms + 1e-3) ** 0.5
-    torch.testing.assert_close(p1["w"], torch.tensor([expected]))
+    p, s = {"w": w}, opt.init({"w": w})
+    for g in grads:
+        p, s = opt.update({"w": g}, s, p, torch.tensor(0.1))
+    (expected,) = _tf_rmsprop([w], [[g] for g in grads], 0.1)
+    torch.testing.assert_close(p["w"].double(), expected, atol=1e-6, rtol=1e-5)
+    # One step written out by hand for one number: ms = 0.9 * 1 + 0.1 * 4, p = 1 - 0.1 * 2 / sqrt(ms + eps).
+    one, _ = opt.update({"w": torch.tensor([2.0])}, opt.init({"w": torch.tensor([1.0])}), {"w": torch.tensor([1.0])},
+                        torch.tensor(0.1))
+    torch.testing.assert_close(one["w"], torch.tensor([1.0 - 0.1 * 2 / (0.9 + 0.4 + 1e-3) ** 0.5]))
 
 
 def test_schedules():

@@ -42,10 +42,13 @@ def assert_trees_equal(a, b):
 
 
 def one_line_error(result, *needles):
+    """A mistake: exit code 2 and exactly one line, "Error: ...", without a traceback. fail() prints with
+    soft_wrap=True, so rich never breaks a long message at the terminal's width (CliRunner's is 80 columns)."""
     assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = result.output.strip().splitlines()
+    assert "Traceback" not in result.output, result.output
+    lines = result.output.rstrip("\n").split("\n")
     assert len(lines) == 1, result.output
+    assert lines[0].startswith("Error: "), lines[0]
     for needle in needles:
         assert needle in lines[0], lines[0]
 
