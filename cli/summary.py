@@ -47,7 +47,8 @@ def summary(
     out = Console()
     table = Table(title=f"MobileNet v1 α={alpha:g}, {resolution}×{resolution}, {classes} classes")
     for col in ("Layer", "Type / Stride", "Filter Shape", "Input Size", "Params", "Mult-Adds"):
-        table.add_column(col, justify="right" if col in ("Params", "Mult-Adds") else "left")
+        numeric = col in ("Params", "Mult-Adds")
+        table.add_column(col, justify="right" if numeric else "left", no_wrap=numeric)  # numbers stay whole
     for row in result["layers"]:
         h, w, c = row["input"]
         table.add_row(row["name"], f"{TYPE_LABELS[row['type']]} / s{row['stride']}", _fmt_filter(row),

@@ -61,7 +61,6 @@ def test_summary_table_and_json_give_the_papers_totals_and_shares():
         data["params"]
 
 
-@pytest.mark.xfail(strict=True, reason="at 80 columns rich shortens the Mult-Adds total to '568,740,3…'")
 def test_summary_table_shows_the_whole_total_in_an_80_column_terminal():
     result = runner.invoke(app, ["summary"], env={"COLUMNS": "80"})
     assert _cells(result.stdout, "total")[-1] == "568,740,352"
