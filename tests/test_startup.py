@@ -70,3 +70,11 @@ def test_unknown_names_raise_attribute_error():
     with pytest.raises(AttributeError, match="no_such_name"):
         mobilenet_fn.no_such_name  # noqa: B018
     assert not hasattr(mobilenet_fn, "no_such_name")
+
+
+def test_the_training_path_imports_neither_importers_nor_export():
+    code = ("import json, sys\n"
+            "import mobilenet_fn.train, mobilenet_fn.rundir, mobilenet_fn.evaluate\n"
+            "print(json.dumps(sorted(n for n in ('mobilenet_fn.importers', 'mobilenet_fn.export', 'mobilenet_fn.cli') "
+            "if n in sys.modules)))")
+    assert _imported_by(code) == []
