@@ -193,8 +193,8 @@ def _trunk(cfg: Config, params: dict, state: dict | None, x: torch.Tensor, train
         if endpoints is not None:
             endpoints[f"stride{stride}"] = x  # the last activation at each output stride wins
 
-    no_state = {"stem": {}, "blocks": [{}] * len(params["blocks"])}
-    state = no_state if state is None else state
+    if state is None:  # a folded tree: no BatchNorm, so no running statistics
+        state = {"stem": {}, "blocks": [{}] * len(params["blocks"])}
     new_state = {"stem": {}, "blocks": []}
     conv = functools.partial(layers.conv_apply, padding=cfg.padding)
     x = unit(functools.partial(conv, stride=STEM[0]), params["stem"], state["stem"], "conv", x, new_state["stem"])

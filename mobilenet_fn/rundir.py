@@ -47,9 +47,11 @@ class RunDir:
     def create(cls, path: Path, *, config: dict, split: dict) -> "RunDir":
         """Makes the folder (which must not exist) and writes config.json and split.json."""
         path = Path(path)
-        if path.exists():
-            raise FileExistsError(f"{path} already exists; continue it with --resume {path}, or pick another --out")
-        path.mkdir(parents=True)
+        try:
+            path.mkdir(parents=True)  # fails if it exists, even if it appeared a moment ago
+        except FileExistsError:
+            raise FileExistsError(f"{path} already exists; continue it with --resume {path}, or pick another "
+                                  f"--out") from None
         write_json(path / "config.json", config)
         write_json(path / "split.json", split)
         return cls(path, [])
