@@ -4,8 +4,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from .common import DEVICE, JSON, UserError, err, pick_device, print_json, user_errors
+
+SHOWN_SKIPS = 10  # unreadable files listed one a line; --json lists them all
 
 
 @user_errors
@@ -51,9 +54,11 @@ def evaluate(
 
         plot_confusion(result["confusion"], w.classes, plot)
     per_class = {c: a for c, a in zip(w.classes, result["per_class"])}
+    skipped = [{"path": getattr(s, "path", str(s)), "error": getattr(s, "reason", "unreadable")}
+               for s in result["skipped"]]  # the same shape as predict's
     if json:
         print_json({"top1": result["top1"], "top5": result["top5"], "loss": result["loss"], "n": result["n"],
-                    "per_class": per_class, "skipped": result["skipped"], "data": where})
+                    "per_class": per_class, "skipped": skipped, "data": where})
         return
     out = Console()
     table = Table(title=f"Per-class accuracy on {where}")
@@ -67,5 +72,7 @@ def evaluate(
     out.print(table)
     out.print(f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  loss {result['loss']:.4f}  "
               f"({result['n']} images)")
-    if result["skipped"]:
-        err.print(f"Skipped {len(result['skipped'])} unreadable file(s), e.g. {result['skipped'][0]}")
+    for s in skipped[:SHOWN_SKIPS]:
+        err.print(f"[yellow]Skipped[/] {escape(s['path'])}: {escape(s['error'])}", highlight=False, soft_wrap=True)
+    if len(skipped) > SHOWN_SKIPS:
+        err.print(f"Skipped {len(skipped)} unreadable file(s) in all; --json lists every one", highlight=False)

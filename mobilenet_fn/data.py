@@ -41,6 +41,22 @@ class DataError(ValueError):
     """Bad data given by the user: the message says what is wrong and what to do."""
 
 
+class Skipped(str):
+    """An unreadable file as the skip lists hold it: the string "path: reason", with ``.path`` and ``.reason``."""
+
+    def __new__(cls, path, reason: str):
+        self = super().__new__(cls, f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+        return self
+
+    def __reduce__(self):  # across DataLoader workers and processes
+        return Skipped, (self.path, self.reason)
+
+
+def skip_reason(error: Exception) -> str:
+    return str(error) or type(error).__name__
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("MOBILENET_FN_CACHE", Path.home() / ".cache" / "mobilenet-fn"))
 
@@ -236,8 +252,8 @@ def _load_images(source: FileSource) -> tuple[TensorSource, list[str]]:
             with Image.open(path) as im:
                 images.append(im.convert("RGB") if im.mode not in ("L", "RGB") else im.copy())
             labels.append(label)
-        except IMAGE_ERRORS:
-            skipped.append(path)
+        except IMAGE_ERRORS as e:
+            skipped.append(Skipped(path, skip_reason(e)))
     if not images:
         raise DataError("no readable images")
     sizes = {im.size for im in images}
@@ -375,6 +391,13 @@ def random_resized_crop(x: torch.Tensor, size: int, generator: torch.Generator, 
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+def train_short_side(resolution: int) -> int:
+    """The least short side an image needs for the random resized crop never to enlarge it: a crop holds at least
+    CROP_SCALE[0] of the area at an aspect ratio of at most 4/3, so its shorter side is at least
+    sqrt(0.25 * 3/4) = 0.43 of the image's short side."""
+    return math.ceil(resolution / math.sqrt(CROP_SCALE[0] * CROP_RATIO[0]))
+
+
 def _train_transform(preprocess: dict):
     from torchvision.transforms import v2
 
@@ -391,7 +414,8 @@ def item_seed(seed: int, epoch: int, index: int) -> int:
 
 class _Files(torch.utils.data.Dataset):
     """Image files as uint8 (3, R, R) tensors, each item a (source index, path, label); an unreadable file gives
-    None, which the collate drops. ``augment`` = (seed, epoch) draws a random resized crop and flip from the
+    (None, Skipped), which the collate drops. A large JPEG is decoded from its draft, at the least size the crop
+    needs. ``augment`` = (seed, epoch) draws a random resized crop and flip from the
     item's own seed; None gives the eval preprocessing."""
 
     def __init__(self, items, preprocess: dict, augment: tuple[int, int] | None):
@@ -406,9 +430,9 @@ class _Files(torch.utils.data.Dataset):
         try:
             if self.augment is None:
                 return eval_image(path, self.preprocess), label
-            image = read_rgb(path)
-        except IMAGE_ERRORS:
-            return None, path
+            image = read_rgb(path, train_short_side(self.preprocess["resolution"]))
+        except IMAGE_ERRORS as e:
+            return None, Skipped(path, skip_reason(e))
         # torchvision draws from the global CPU RNG: seed it for this item, and give the caller's state back.
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(item_seed(*self.augment, index))
@@ -435,7 +459,7 @@ def _collate(items):
 class Batch:
     x: torch.Tensor  # (N, 3, R, R) normalised float on the device
     y: torch.Tensor  # (N,) int64 on the device
-    skipped: list[str]  # unreadable files met while making this batch
+    skipped: list[str]  # unreadable files met while making this batch, as Skipped ("path: reason")
 
 
 def order(n: int, *, shuffle: bool, seed: int, epoch: int) -> torch.Tensor:
