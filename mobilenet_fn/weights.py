@@ -13,6 +13,7 @@ names what it would have imported. Every problem is a ``WeightsError`` of one li
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import math
 import pickletools
@@ -241,8 +242,8 @@ def _keys_problem(obj: dict, allowed: tuple, optional: tuple) -> str | None:
 
 
 def _type_name(annotation: str) -> str:
-    return {"str | None": "a string or None", "int": "an integer", "float": "a number", "bool": "true or false",
-            "str": "a string"}.get(annotation, annotation)
+    return {"str | None": "a string or None", "int": "a 64-bit integer", "float": "a finite number below 2**63",
+            "bool": "true or false", "str": "a string"}.get(annotation, annotation)
 
 
 def _value_fits(value, annotation: str) -> bool:
@@ -300,7 +301,7 @@ def _classes_problem(classes, cfg: Config) -> str | None:
 
 
 def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return _value_fits(value, "float")
 
 
 def _preprocess_problem(pre, cfg: Config) -> str | None:
@@ -398,8 +399,8 @@ def _checkpoint_problem(obj: dict) -> str | None:
     missing = [f.name for f in dataclasses.fields(TrainOptions) if f.name not in run]
     if missing:
         return f"run lacks {', '.join(missing)}"
-    try:
-        TrainOptions(**run)
+    try:  # as `train --resume` takes them: on its own device, where cudagraphs falls back to auto off CUDA
+        TrainOptions(**{**run, "compile": "auto" if run["compile"] == "cudagraphs" else run["compile"]})
     except (TypeError, ValueError) as e:
         return f"run: {e}"
     for key in ("epoch", "step", "batch_in_epoch", *[k for k in CHECKPOINT_OPTIONAL if k in obj]):
@@ -417,8 +418,8 @@ def _checkpoint_problem(obj: dict) -> str | None:
 
     cfg = Config.from_dict(obj["config"])
     optimizer = make_optimizer(run["optimizer"], weight_decay=run["weight_decay"], momentum=run["momentum"])
+    params = _expected_trees(cfg)[0]
     with torch.device("meta"):
-        params, _ = init(cfg)
         expected = optimizer.init({"fc": params["fc"]} if run["freeze_backbone"] else params)  # step.trainable
     problem = _tree_problem("opt_state", obj["opt_state"], expected)
     if problem:
@@ -459,8 +460,7 @@ def trees_problem(cfg: Config, params, state) -> str | None:
     """How ``params`` and ``state`` differ from the trees ``init(cfg)`` makes, or None. The reference is made on
     the meta device: shapes without data, at no cost."""
     try:
-        with torch.device("meta"):
-            expected = init(cfg)
+        expected = _expected_trees(cfg)
     except (RuntimeError, ValueError, OverflowError, MemoryError):  # a width beyond what a tensor can have
         return f"the config implies tensors too large to exist (config: {_describe(cfg)})"
     for name, tree, want in (("params", params, expected[0]), ("state", state, expected[1])):
@@ -468,6 +468,13 @@ def trees_problem(cfg: Config, params, state) -> str | None:
         if problem:
             return f"{problem} (config: {_describe(cfg)})"
     return None
+
+
+@functools.lru_cache(maxsize=8)
+def _expected_trees(cfg: Config) -> tuple[dict, dict]:
+    """``init(cfg)`` on the meta device (kept: drawing even meta tensors takes ~25 ms)."""
+    with torch.device("meta"):
+        return init(cfg)
 
 
 def _tree_shape_problem(name: str, tree) -> str | None:
@@ -517,6 +524,8 @@ def _tree_problem(name: str, tree, expected) -> str | None:
         t = got[key]
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             return f"{name}{key} is not a floating-point tensor"
+        if t.dtype != w.dtype:  # one dtype for the whole model: apply mixes no dtypes
+            return f"{name}{key} is {str(t.dtype).removeprefix('torch.')}, not {str(w.dtype).removeprefix('torch.')}"
         if t.shape != w.shape:
             return f"{name}{key} has shape {tuple(t.shape)}, the config implies {tuple(w.shape)}"
         if t.device.type == "meta":
@@ -551,9 +560,18 @@ def pickle_globals(path: str | Path) -> list[str]:
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as z:
+                # torch.save stores every entry as it is: a compressed one (which could inflate to any size, in
+                # this read or in torch.load's) is no file of ours.
+                packed = next((i for i in z.infolist() if i.compress_type != zipfile.ZIP_STORED
+                               or i.file_size != i.compress_size), None)
+                if packed is not None:
+                    raise WeightsError(f"{path}: refused: its archive holds a compressed entry "
+                                       f"({_short(packed.filename)}), which torch.save never writes")
                 blobs = [z.read(n) for n in z.namelist() if n.endswith(".pkl")]
-        except (zipfile.BadZipFile, OSError, EOFError):
-            return []  # torch.load reports the damage
+        except WeightsError:
+            raise
+        except Exception:  # noqa: BLE001 - damage of any kind (a name that is not UTF-8, a bad CRC...): refused
+            raise WeightsError(f"{path}: is damaged or truncated (its zip archive cannot be read)") from None
     else:
         blobs = [path.read_bytes()]
     return [g for blob in blobs for g in _globals_in(blob)]
