@@ -227,6 +227,26 @@ def _problem(obj: dict) -> str | None:
         problem = _plain_problem(name, value)
         if problem:
             return problem
+    return _split_problem(obj.get("data"), obj["classes"])
+
+
+def _split_problem(split, classes: list[str]) -> str | None:
+    """What ``data.validation_source`` reads of the split a run recorded (``eval`` without ``--data``): the kind
+    and root as strings; the validation folder's name, or (kind "split") paths under the root whose first part is
+    a class folder."""
+    if not split:
+        return None
+    for key in ("kind", "root"):
+        if key in split and not isinstance(split[key], str):
+            return f"data.{key} must be a string, not {_short(split[key])}"
+    kind = split.get("kind")
+    if kind in ("folders", "imagenette") and not isinstance(split.get("val"), str):
+        return f"data.val must be the name of the validation folder, not {_short(split.get('val'))}"
+    if kind == "split":
+        val, names = split.get("val"), set(classes)
+        if not isinstance(val, list) or not all(isinstance(rel, str) and rel.split("/", 1)[0] in names
+                                                for rel in val):
+            return "data.val must list validation images by their path under the root, in a class folder"
     return None
 
 

@@ -273,7 +273,7 @@ def byte_cases(data: bytes, label: str, long: bool, rng: random.Random):
     structural_list = sorted(structural)
     other = [i for i in range(0, len(data), 997) if i not in structural]
     if long:
-        offsets = sorted(rng.sample(structural_list, min(2000, len(structural_list))) + other)
+        offsets = sorted(rng.sample(structural_list, min(800, len(structural_list))) + other)
     else:
         offsets = sorted(rng.sample(structural_list, min(80, len(structural_list))) + rng.sample(other, 10))
     patterns = (0xFF, 0x01, 0x80) if long else (0xFF,)
@@ -319,9 +319,9 @@ def all_cases(long: bool):
         for path in tensor_paths(adamw):
             yield f"checkpoint: {_name(path)} = None", "checkpoint", with_change(adamw, path, "set", None), "refuse"
     if long:
-        for name, obj, expect in random_cases(weights, "weights", rng, 1500):
+        for name, obj, expect in random_cases(weights, "weights", rng, 800):
             yield name, "weights", obj, expect
-        for name, obj, expect in random_cases(checkpoints["checkpoint"], "checkpoint", rng, 1500):
+        for name, obj, expect in random_cases(checkpoints["checkpoint"], "checkpoint", rng, 800):
             yield name, "checkpoint", obj, expect
     for label, kind, obj in (("weights bytes", "weights", weights),
                              ("checkpoint bytes", "checkpoint", checkpoints["checkpoint sgd frozen"])):
@@ -587,6 +587,16 @@ CHECKS = {  # name: (file, change, words of the message)
     "data huge int": ("weights", _set(("data", "seed"), 2**64), "beyond 64 bits"),
     "data key not a string": ("weights", _set(("data", "val"), {1: "a"}), "key that is not a string"),
     "data bytes": ("weights", _set(("data", "val"), b"a"), "is a bytes"),
+    "data.kind not a string": ("weights", _set(("data", "kind"), 3), "data.kind must be a string"),
+    "data.root not a string": ("weights", _set(("data", "root"), ["/"]), "data.root must be a string"),
+    "data.val of folders not a name": ("weights", _many(_set(("data", "kind"), "folders"), _set(("data", "val"), 1)),
+                                       "data.val must be the name of the validation folder"),
+    "data.val of a split not paths": ("weights", _many(_set(("data", "kind"), "split"), _set(("data", "val"), "v")),
+                                      "data.val must list validation images"),
+    "data.val of a split outside the classes": ("weights", _many(_set(("data", "kind"), "split"), _set(
+        ("data", "val"), ["cat/1.png", "wolf/2.png"])), "data.val must list validation images"),
+    "data.val of a split, an empty path": ("weights", _many(_set(("data", "kind"), "split"), _set(
+        ("data", "val"), [""])), "data.val must list validation images"),
     "metrics a tensor": ("weights", lambda o: _set(("metrics", "val_top1"), __import__("torch").ones(1))(o),
                          "is a Tensor"),
     "run missing a field": ("checkpoint", lambda o: _set(("run",), {k: v for k, v in o["run"].items()
@@ -642,6 +652,10 @@ def test_the_valid_files_pass_the_checks(files):
     checkpoint_from_dict(files["frozen"], "f.ckpt")
     checkpoint_from_dict({k: v for k, v in files["checkpoint"].items() if k != "world"}, "old.ckpt")
     weights_from_dict({k: v for k, v in files["weights"].items() if k not in ("data", "metrics")}, "w.pkl")
+    for split in ({"kind": "split", "root": "/d", "val_split": 0.2, "seed": 0, "val": ["cat/1.png", "dog/a b.jpg"]},
+                  {"kind": "folders", "root": "/d", "train": "train", "val": "val"},
+                  {"kind": "fashion-mnist", "source": "/d", "val_indices_of_train": [3, 1], "seed": 0}):
+        weights_from_dict({**files["weights"], "data": split}, "w.pkl")
 
 
 def test_save_weights_refuses_what_load_refuses(tmp_path, files):
