@@ -587,6 +587,10 @@ def pickle_globals(path: str | Path) -> list[str]:
                 if packed is not None:
                     raise WeightsError(f"{path}: refused: its archive holds a compressed entry "
                                        f"({_short(packed.filename)}), which torch.save never writes")
+                # An entry marked as a folder (MS-DOS attribute 0x10) made torch.load read garbage, differently
+                # from one load to the next (found by tests/test_fuzz_files.py); torch.save marks none.
+                if any(i.is_dir() or i.external_attr & 0x10 for i in z.infolist()):
+                    raise ValueError("a folder entry")
                 blobs = [z.read(n) for n in z.namelist() if n.endswith(".pkl")]
         except WeightsError:
             raise

@@ -694,6 +694,29 @@ def test_a_compressed_or_damaged_archive_is_refused(tmp_path, files):
         load_weights(tmp_path / "damaged.pkl")
 
 
+def test_an_archive_entry_marked_as_a_folder_is_refused(tmp_path, files, monkeypatch):
+    """The long fuzz run's find: external attributes 0xFF on the last entry made torch.load fail with a different
+    UnicodeDecodeError on each load, and once succeed. Refused before torch.load sees it."""
+    import io
+
+    import torch
+
+    from mobilenet_fn.weights import WeightsError, load_weights
+
+    buf = io.BytesIO()
+    torch.save(files["weights"], buf)
+    data = bytearray(buf.getvalue())
+    entry = data.rindex(b"PK\x01\x02")  # the last entry of the central directory
+    data[entry + 38] = 0x10  # its external attributes: MS-DOS "directory"
+    (tmp_path / "w.pkl").write_bytes(bytes(data))
+
+    calls = []
+    monkeypatch.setattr("mobilenet_fn.weights.torch.load", lambda *args, **kwargs: calls.append(args) or {})
+    with pytest.raises(WeightsError, match="damaged"):
+        load_weights(tmp_path / "w.pkl")
+    assert calls == []
+
+
 def _utf8_flagged(data: bytes, name_at: int) -> bytes:
     """The central directory entry whose name starts near ``name_at`` flagged as UTF-8 (bit 11), so that a byte
     of its name that is not UTF-8 makes Python's zipfile fail."""
