@@ -20,7 +20,7 @@ from .extras import require
 from .model import Config
 from .preprocess import preprocess_for
 from .weights import (
-    CHECKPOINT_FORMAT, FORMAT, Weights, WeightsError, checkpoint_from_dict, read_torch_file, trees_problem,
+    CHECKPOINT_FORMAT, FORMAT, Weights, WeightsError, _short, checkpoint_from_dict, read_torch_file, trees_problem,
     weights_from_checkpoint, weights_from_dict,
 )
 
@@ -255,7 +255,7 @@ def _from_file(path: Path, kind: str) -> Weights:
     if found == "unknown":
         first = next(iter(obj), "nothing")
         raise WeightsError(f"{path}: not a MobileNet v1 state dict (timm or Hugging Face) nor a mobilenet-fn "
-                           f"checkpoint or weights file (its first key is {first!r})")
+                           f"checkpoint or weights file (its first key is {_short(first)})")
     if kind != "auto" and kind != found and not (kind == "checkpoint" and found == "weights"):
         raise WeightsError(f"{path}: --from {kind} given, but this is a {found} file")
     try:

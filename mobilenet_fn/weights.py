@@ -12,7 +12,10 @@ names what it would have imported. Every problem is a ``WeightsError`` of one li
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import io
+import math
 import pickletools
 import zipfile
 from pathlib import Path
@@ -29,6 +32,25 @@ CHECKPOINT_FORMAT = "mobilenet-fn-checkpoint/1"
 PREPROCESS_KEYS = ("resolution", "resize", "crop_pct", "interpolation", "mean", "std")
 CHECKPOINT_KEYS = ("config", "params", "state", "opt_state", "classes", "preprocess", "data", "metrics", "epoch",
                    "step", "batch_in_epoch", "rng", "run")
+WEIGHTS_KEYS = ("format", "config", "params", "state", "classes", "preprocess", "data", "metrics")
+CHECKPOINT_OPTIONAL = ("world",)  # checkpoints written before distributed training lack it (world 1)
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+# Bounds on what a file may hold. A file is read whole by torch.load, so its size already bounds the memory it
+# takes; these bounds are about what is *described*: a pickle can refer to one object many times (its memo), so a
+# few bytes can describe a list of a billion strings or a tree a thousand levels deep, and walking or printing
+# that would never end. Real files stay far below: a run's ``data`` is its split, whose largest part is the list
+# of validation paths (ImageNet's 1.28 M training images with --val-split 0.9 give 1.15 M paths of ~40
+# characters); metrics are a flat dict; MobileNet's parameter trees have about 300 entries.
+MAX_RESOLUTION = 2048  # the paper's models take 128-224 px; preprocessing resizes to at most 4x this
+MAX_DEPTH = 8  # nesting of data and metrics (a split is 2 deep)
+MAX_VALUES = 2_000_000  # values and containers in data or metrics, shared ones counted each time they appear
+MAX_CHARS = 128 * 2**20  # characters of all strings and keys in data or metrics together
+MAX_STRING = 100_000  # characters of one string
+MAX_CLASS_NAME = 1_000  # characters of one class name
+MAX_TREE_ENTRIES = 10_000  # containers and tensors in a parameter, state or optimizer tree
+MAX_TREE_DEPTH = 8
+MAX_INT = 2**63 - 1  # what a file's integers may reach (an int64)
 
 
 class WeightsError(ValueError):
@@ -108,7 +130,7 @@ def weights_from_dict(obj: dict, path: str | Path) -> Weights:
                            f"`mobilenet-fn convert {path} -o weights.pkl`")
     if fmt != FORMAT:
         raise WeightsError(f"{path}: {_format_problem(fmt, FORMAT)}")
-    problem = _problem(obj)
+    problem = _keys_problem(obj, WEIGHTS_KEYS, ("data", "metrics")) or _problem(obj)
     if problem:
         raise WeightsError(f"{path}: {problem}")
     return _weights(obj)
@@ -124,7 +146,8 @@ def checkpoint_from_dict(obj: dict, path: str | Path) -> dict:
     missing = [k for k in CHECKPOINT_KEYS if k not in obj]
     if missing:
         raise WeightsError(f"{path}: checkpoint lacks {', '.join(missing)}")
-    problem = _problem(obj)
+    problem = (_keys_problem(obj, ("format", *CHECKPOINT_KEYS, *CHECKPOINT_OPTIONAL), CHECKPOINT_OPTIONAL)
+               or _problem(obj) or _checkpoint_problem(obj))
     if problem:
         raise WeightsError(f"{path}: {problem}")
     return obj
@@ -145,8 +168,18 @@ def _format_problem(found, expected: str) -> str:
         return ("not a mobilenet-fn file (it has no format field); for a timm or Hugging Face state dict, "
                 "run `mobilenet-fn convert` on it")
     if isinstance(found, str) and found.split("/")[0] == expected.split("/")[0]:
-        return f"format {found!r} is not one this version reads ({expected!r}); upgrade mobilenet-fn"
-    return f"unknown format {found!r} (expected {expected!r})"
+        return f"format {_short(found)} is not one this version reads ({expected!r}); upgrade mobilenet-fn"
+    return f"unknown format {_short(found)} (expected {expected!r})"
+
+
+def _short(value, limit: int = 60) -> str:
+    """``repr(value)`` on one line, cut to about ``limit`` characters: for naming a hostile value in a message."""
+    if isinstance(value, (dict, list, tuple, set, bytes, bytearray, torch.Tensor)):
+        return f"a {type(value).__name__}"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def read_torch_file(path: str | Path) -> dict:
@@ -177,26 +210,265 @@ def _torch_load_problem(path: Path, error: Exception) -> str:
 
 
 def _problem(obj: dict) -> str | None:
-    """What is wrong with the content of a weights dict or checkpoint, or None."""
-    try:
-        cfg = Config.from_dict(obj.get("config"))
-    except (TypeError, ValueError, AttributeError) as e:
-        return f"invalid config: {e}"
-    problem = trees_problem(cfg, obj.get("params"), obj.get("state"))
+    """What is wrong with the content shared by weights files and checkpoints (config, parameter trees, classes,
+    preprocessing, data, metrics), or None."""
+    problem = _config_problem(obj.get("config"))
     if problem:
         return problem
-    classes = obj.get("classes")
-    if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes):
+    cfg = Config.from_dict(obj["config"])
+    problem = (trees_problem(cfg, obj.get("params"), obj.get("state")) or _classes_problem(obj.get("classes"), cfg)
+               or _preprocess_problem(obj.get("preprocess"), cfg))
+    if problem:
+        return problem
+    for name in ("data", "metrics"):
+        value = obj.get(name)
+        if value is not None and not isinstance(value, dict):
+            return f"{name} must be a dict or None, not a {type(value).__name__}"
+        problem = _plain_problem(name, value)
+        if problem:
+            return problem
+    return _split_problem(obj.get("data"), obj["classes"])
+
+
+def _split_problem(split, classes: list[str]) -> str | None:
+    """What ``data.validation_source`` reads of the split a run recorded (``eval`` without ``--data``): the kind
+    and root as strings; the validation folder's name, or (kind "split") paths under the root whose first part is
+    a class folder."""
+    if not split:
+        return None
+    for key in ("kind", "root"):
+        if key in split and not isinstance(split[key], str):
+            return f"data.{key} must be a string, not {_short(split[key])}"
+    kind = split.get("kind")
+    if kind in ("folders", "imagenette") and not isinstance(split.get("val"), str):
+        return f"data.val must be the name of the validation folder, not {_short(split.get('val'))}"
+    if kind == "split":
+        val, names = split.get("val"), set(classes)
+        if not isinstance(val, list) or not all(isinstance(rel, str) and rel.split("/", 1)[0] in names
+                                                for rel in val):
+            return "data.val must list validation images by their path under the root, in a class folder"
+    return None
+
+
+def _keys_problem(obj: dict, allowed: tuple, optional: tuple) -> str | None:
+    """Every key of ``allowed`` present (but the ``optional`` ones), and nothing else."""
+    unknown = [k for k in obj if k not in allowed]
+    if unknown:
+        return f"unknown field {_short(unknown[0])}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+    missing = [k for k in allowed if k not in obj and k not in optional]
+    if missing:
+        return f"{missing[0]} is missing"
+    return None
+
+
+def _type_name(annotation: str) -> str:
+    return {"str | None": "a string or None", "int": "a 64-bit integer", "float": "a finite number below 2**63",
+            "bool": "true or false", "str": "a string"}.get(annotation, annotation)
+
+
+def _value_fits(value, annotation: str) -> bool:
+    """Whether ``value`` is a plain value of a dataclass field's annotation (``int``, ``float``, ``str``, ``bool``,
+    ``str | None``); numbers finite and within an int64."""
+    if annotation == "bool":
+        return isinstance(value, bool)
+    if annotation == "int":
+        return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_INT
+    if annotation == "float":
+        return (isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= MAX_INT
+                and math.isfinite(value))
+    if annotation in ("str", "str | None"):
+        return (isinstance(value, str) and len(value) <= MAX_STRING) or (value is None and annotation != "str")
+    return False
+
+
+def _fields_problem(name: str, d, cls) -> str | None:
+    """``d`` is a dict of exactly the fields of dataclass ``cls`` (those with defaults may be left out when
+    ``partial``), each a plain value of its annotated type."""
+    if not isinstance(d, dict):
+        return f"{name} must be a dict, not a {type(d).__name__}"
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    unknown = [k for k in d if k not in fields]
+    if unknown:
+        return f"unknown {name} keys: " + ", ".join(_short(k) for k in unknown[:3]) + (" …" if len(unknown) > 3 else "")
+    for key, annotation in fields.items():
+        if key in d and not _value_fits(d[key], annotation):
+            return f"{name}.{key} must be {_type_name(annotation)}, not {_short(d[key])}"
+    return None
+
+
+def _config_problem(d) -> str | None:
+    problem = _fields_problem("config", d, Config)
+    if problem:
+        return f"invalid config: {problem}"
+    try:
+        cfg = Config.from_dict(d)
+    except (TypeError, ValueError) as e:
+        return f"invalid config: {e}"
+    if cfg.resolution > MAX_RESOLUTION:
+        return f"invalid config: resolution {cfg.resolution} is above {MAX_RESOLUTION}"
+    return None
+
+
+def _classes_problem(classes, cfg: Config) -> str | None:
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         return "classes must be a list of names"
     if len(classes) != cfg.num_classes:
         return f"{len(classes)} class names for {cfg.num_classes} classes"
-    preprocess = obj.get("preprocess")
-    if not isinstance(preprocess, dict):
+    long = next((i for i, c in enumerate(classes) if len(c) > MAX_CLASS_NAME), None)
+    if long is not None:
+        return f"classes[{long}] is {len(classes[long]):,} characters long (at most {MAX_CLASS_NAME:,})"
+    return None
+
+
+def _number(value) -> bool:
+    return _value_fits(value, "float")
+
+
+def _preprocess_problem(pre, cfg: Config) -> str | None:
+    """The eval preprocessing (see ``preprocess.preprocess_for``): exactly its keys, values that describe a crop of
+    the model's resolution from a resize of at most 4x, and one mean and std per channel of the normalised image
+    (``preprocess.normalize`` repeats grey to RGB, so 3; or the model's ``in_channels`` where that differs)."""
+    if not isinstance(pre, dict):
         return "preprocess is missing"
-    missing = [k for k in PREPROCESS_KEYS if k not in preprocess]
+    missing = [k for k in PREPROCESS_KEYS if k not in pre]
     if missing:
         return f"preprocess lacks {', '.join(missing)}"
+    unknown = [k for k in pre if k not in PREPROCESS_KEYS]
+    if unknown:
+        return f"unknown preprocess field {_short(unknown[0])}"
+    res, resize, crop_pct = pre["resolution"], pre["resize"], pre["crop_pct"]
+    if not _value_fits(res, "int") or res != cfg.resolution:
+        return f"preprocess.resolution is {_short(res)}, the config's resolution is {cfg.resolution}"
+    if not _value_fits(resize, "int") or not res <= resize <= 4 * res:
+        return f"preprocess.resize is {_short(resize)}; it must be an integer from {res} to {4 * res}"
+    if not _number(crop_pct) or not 0 < crop_pct <= 1:
+        return f"preprocess.crop_pct is {_short(crop_pct)}; it must be a number in (0, 1]"
+    if pre["interpolation"] not in INTERPOLATIONS:
+        return f"preprocess.interpolation is {_short(pre['interpolation'])}; it must be one of " + ", ".join(
+            INTERPOLATIONS)
+    lengths = sorted({3, cfg.in_channels})
+    for key in ("mean", "std"):
+        value = pre[key]
+        if not isinstance(value, list) or len(value) not in lengths or not all(_number(v) for v in value):
+            return (f"preprocess.{key} must be a list of {' or '.join(map(str, lengths))} finite numbers, not "
+                    f"{_short(value) if not isinstance(value, list) else _short(value[:4]) + ('…' if len(value) > 4 else '')}")
+    if not all(v > 0 for v in pre["std"]):
+        return f"preprocess.std must be positive, got {pre['std']}"
     return None
+
+
+def _plain_problem(name: str, value) -> str | None:
+    """``value`` is JSON-like (dicts with string keys, lists, strings, int64s, floats, booleans, None) within the
+    bounds above, counted as written out: a value that appears twice counts twice. Walked without recursion and
+    stopped at the first bound crossed, so a described billion values costs no more than the bound."""
+    count, chars = 1, 0
+    stack = [(value, None, name, 0)]  # (value, parent entry, key in the parent, depth)
+    while stack:
+        entry = stack.pop()
+        v, _, _, depth = entry
+        if v is None or isinstance(v, (bool, float)):
+            continue
+        if isinstance(v, int):
+            if abs(v) > MAX_INT:
+                return f"{_where(entry)} is an integer beyond 64 bits"
+        elif isinstance(v, str):
+            if len(v) > MAX_STRING:
+                return f"{_where(entry)} is a string of {len(v):,} characters (at most {MAX_STRING:,})"
+            chars += len(v)
+        elif isinstance(v, (dict, list)):
+            if depth >= MAX_DEPTH:
+                return f"{_where(entry)} is nested more than {MAX_DEPTH} levels deep"
+            count += len(v)
+            if count > MAX_VALUES:
+                return f"{name} holds more than {MAX_VALUES:,} values"
+            if isinstance(v, dict):
+                for k, x in v.items():
+                    if not isinstance(k, str) or len(k) > MAX_STRING:
+                        return (f"{_where(entry)} has a key that is not a string of at most {MAX_STRING:,} "
+                                f"characters: {_short(k)}")
+                    chars += len(k)
+                    stack.append((x, entry, k, depth + 1))
+            else:
+                stack.extend((x, entry, i, depth + 1) for i, x in enumerate(v))
+        else:
+            return (f"{_where(entry)} is a {type(v).__name__}; only dicts, lists, strings, numbers, booleans and "
+                    f"None are kept")
+        if chars > MAX_CHARS:
+            return f"{name} holds more than {MAX_CHARS:,} characters"
+    return None
+
+
+def _where(entry) -> str:
+    """``name['key'][3]`` of an entry of ``_plain_problem``'s walk."""
+    keys = []
+    while entry[1] is not None:
+        keys.append(f"[{_short(entry[2], 40)}]")
+        entry = entry[1]
+    return entry[2] + "".join(reversed(keys))
+
+
+def _checkpoint_problem(obj: dict) -> str | None:
+    """What is wrong with the training part of a checkpoint (what ``Trainer.checkpoint`` writes and
+    ``Trainer.restore`` and ``train --resume`` read), or None. Called after ``_problem``."""
+    from .train import TrainOptions  # here: train.py imports this module
+
+    run = obj["run"]
+    problem = _fields_problem("run", run, TrainOptions)
+    if problem:
+        return problem
+    missing = [f.name for f in dataclasses.fields(TrainOptions) if f.name not in run]
+    if missing:
+        return f"run lacks {', '.join(missing)}"
+    try:  # as `train --resume` takes them: on its own device, where cudagraphs falls back to auto off CUDA
+        TrainOptions(**{**run, "compile": "auto" if run["compile"] == "cudagraphs" else run["compile"]})
+    except (TypeError, ValueError) as e:
+        return f"run: {e}"
+    for key in ("epoch", "step", "batch_in_epoch", *[k for k in CHECKPOINT_OPTIONAL if k in obj]):
+        value, least = obj[key], 1 if key == "world" else 0
+        if not _value_fits(value, "int") or value < least:
+            return f"{key} must be an integer of at least {least}, not {_short(value)}"
+    if obj["epoch"] > run["epochs"]:
+        return f"epoch {obj['epoch']} is beyond the run's {run['epochs']} epochs"
+    if obj["batch_in_epoch"] > obj["step"]:
+        return f"batch_in_epoch {obj['batch_in_epoch']} is beyond step {obj['step']}"
+    problem = _rng_problem(obj["rng"])
+    if problem:
+        return problem
+    from .optim import make_optimizer
+
+    cfg = Config.from_dict(obj["config"])
+    optimizer = make_optimizer(run["optimizer"], weight_decay=run["weight_decay"], momentum=run["momentum"])
+    params = _expected_trees(cfg)[0]
+    with torch.device("meta"):
+        expected = optimizer.init({"fc": params["fc"]} if run["freeze_backbone"] else params)  # step.trainable
+    problem = _tree_problem("opt_state", obj["opt_state"], expected)
+    if problem:
+        return f"{problem} (optimizer {run['optimizer']}" + (", backbone frozen)" if run["freeze_backbone"] else ")")
+    return None
+
+
+def _rng_problem(rng) -> str | None:
+    """{"torch": torch.get_rng_state()} and, from a CUDA run, "cuda": torch.cuda.get_rng_state(): uint8 vectors
+    that ``torch.set_rng_state`` takes."""
+    if not isinstance(rng, dict) or "torch" not in rng:
+        return "rng must be a dict with the torch generator's state"
+    unknown = [k for k in rng if k not in ("torch", "cuda")]
+    if unknown:
+        return f"unknown rng field {_short(unknown[0])}"
+    for key, value in rng.items():
+        size = torch.get_rng_state().numel() if key == "torch" else None
+        if (not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() != 1
+                or value.layout != torch.strided or value.device.type != "cpu" or _overlaps(value)
+                or (size is not None and value.numel() != size) or not 0 < value.numel() <= 1024 * 1024):
+            return (f"rng.{key} is not a generator state (a CPU uint8 vector"
+                    + (f" of {size} bytes)" if size is not None else ")"))
+    return None
+
+
+def _overlaps(t: torch.Tensor) -> bool:
+    """Whether ``t`` shows more elements than its storage holds (an expanded, stride-0 view): such a tensor costs
+    nothing in the file but its full size in memory once anything copies it."""
+    return t.numel() > t.untyped_storage().nbytes() // max(1, t.element_size())
 
 
 def _describe(cfg: Config) -> str:
@@ -207,8 +479,10 @@ def _describe(cfg: Config) -> str:
 def trees_problem(cfg: Config, params, state) -> str | None:
     """How ``params`` and ``state`` differ from the trees ``init(cfg)`` makes, or None. The reference is made on
     the meta device: shapes without data, at no cost."""
-    with torch.device("meta"):
-        expected = init(cfg)
+    try:
+        expected = _expected_trees(cfg)
+    except (RuntimeError, ValueError, OverflowError, MemoryError):  # a width beyond what a tensor can have
+        return f"the config implies tensors too large to exist (config: {_describe(cfg)})"
     for name, tree, want in (("params", params, expected[0]), ("state", state, expected[1])):
         problem = _tree_problem(name, tree, want)
         if problem:
@@ -216,8 +490,43 @@ def trees_problem(cfg: Config, params, state) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=8)
+def _expected_trees(cfg: Config) -> tuple[dict, dict]:
+    """``init(cfg)`` on the meta device (kept: drawing even meta tensors takes ~25 ms)."""
+    with torch.device("meta"):
+        return init(cfg)
+
+
+def _tree_shape_problem(name: str, tree) -> str | None:
+    """``tree`` is dicts (string keys) and lists of tensors, of bounded size and depth: checked before pytree
+    walks it (recursively, every shared subtree again)."""
+    count, stack = 1, [(tree, name, 0)]
+    while stack:
+        v, where, depth = stack.pop()
+        if isinstance(v, torch.Tensor):
+            continue
+        if not isinstance(v, (dict, list, tuple)):
+            return f"{where} is a {type(v).__name__}, not a tensor"
+        if depth >= MAX_TREE_DEPTH:
+            return f"{where} is nested more than {MAX_TREE_DEPTH} levels deep"
+        count += len(v)
+        if count > MAX_TREE_ENTRIES:
+            return f"{name} has more than {MAX_TREE_ENTRIES:,} entries"
+        if isinstance(v, dict):
+            bad = next((k for k in v if not isinstance(k, str) or len(k) > 100), None)
+            if bad is not None:
+                return f"{where} has a key that is not a short string: {_short(bad)}"
+        items = v.items() if isinstance(v, dict) else enumerate(v)
+        stack.extend((x, f"{where}[{_short(k, 40)}]", depth + 1) for k, x in items)
+    return None
+
+
 def _tree_problem(name: str, tree, expected) -> str | None:
-    """How ``tree`` differs from ``expected`` in structure, shapes or being floating-point tensors, or None."""
+    """How ``tree`` differs from ``expected`` in structure, shapes or being finite floating-point tensors, or
+    None."""
+    problem = _tree_shape_problem(name, tree)
+    if problem:
+        return problem
     try:
         leaves, _ = tree_flatten_with_path(tree)
     except Exception:  # an unflattenable value is just "not a tree"
@@ -235,8 +544,16 @@ def _tree_problem(name: str, tree, expected) -> str | None:
         t = got[key]
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             return f"{name}{key} is not a floating-point tensor"
+        if t.dtype != w.dtype:  # one dtype for the whole model: apply mixes no dtypes
+            return f"{name}{key} is {str(t.dtype).removeprefix('torch.')}, not {str(w.dtype).removeprefix('torch.')}"
         if t.shape != w.shape:
             return f"{name}{key} has shape {tuple(t.shape)}, the config implies {tuple(w.shape)}"
+        if t.device.type == "meta":
+            continue
+        if t.layout != torch.strided or _overlaps(t):
+            return f"{name}{key} is an expanded or sparse view, not a tensor of its own"
+        if not bool(torch.isfinite(t).all()):
+            return f"{name}{key} holds NaN or infinite values"
     return None
 
 
@@ -263,9 +580,22 @@ def pickle_globals(path: str | Path) -> list[str]:
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as z:
+                # torch.save stores every entry as it is: a compressed one (which could inflate to any size, in
+                # this read or in torch.load's) is no file of ours.
+                packed = next((i for i in z.infolist() if i.compress_type != zipfile.ZIP_STORED
+                               or i.file_size != i.compress_size), None)
+                if packed is not None:
+                    raise WeightsError(f"{path}: refused: its archive holds a compressed entry "
+                                       f"({_short(packed.filename)}), which torch.save never writes")
+                # An entry marked as a folder (MS-DOS attribute 0x10) made torch.load read garbage, differently
+                # from one load to the next (found by tests/test_fuzz_files.py); torch.save marks none.
+                if any(i.is_dir() or i.external_attr & 0x10 for i in z.infolist()):
+                    raise ValueError("a folder entry")
                 blobs = [z.read(n) for n in z.namelist() if n.endswith(".pkl")]
-        except (zipfile.BadZipFile, OSError, EOFError):
-            return []  # torch.load reports the damage
+        except WeightsError:
+            raise
+        except Exception:  # noqa: BLE001 - damage of any kind (a name that is not UTF-8, a bad CRC...): refused
+            raise WeightsError(f"{path}: is damaged or truncated (its zip archive cannot be read)") from None
     else:
         blobs = [path.read_bytes()]
     return [g for blob in blobs for g in _globals_in(blob)]

@@ -104,14 +104,28 @@ def test_weights_that_contradict_their_config_are_not_written(tmp_path):
     assert not (tmp_path / "w.pkl").exists()
 
 
+def make_checkpoint(w: Weights | None = None, **run) -> dict:
+    """A checkpoint as ``Trainer.checkpoint`` makes one (without ``format``, which save_checkpoint adds)."""
+    from dataclasses import asdict
+
+    from mobilenet_fn.optim import make_optimizer
+    from mobilenet_fn.train import TrainOptions
+
+    w = w or make_weights()
+    opts = TrainOptions(**{"lr": 0.1, "epochs": 3, **run})
+    optimizer = make_optimizer(opts.optimizer, weight_decay=opts.weight_decay, momentum=opts.momentum)
+    return {
+        "config": w.config.to_dict(), "params": w.params, "state": w.state,
+        "opt_state": optimizer.init({"fc": w.params["fc"]} if opts.freeze_backbone else w.params),
+        "classes": w.classes, "preprocess": w.preprocess, "data": {"kind": "sample"},
+        "metrics": {"val_top1": 0.25}, "epoch": 2, "step": 20, "batch_in_epoch": 0,
+        "rng": {"torch": torch.get_rng_state()}, "run": asdict(opts), "world": 1,
+    }
+
+
 def test_checkpoint_round_trip_and_conversion_drops_the_optimizer(tmp_path):
     w = make_weights()
-    ckpt = {
-        "config": w.config.to_dict(), "params": w.params, "state": w.state,
-        "opt_state": {"step": torch.tensor(3.0), "v": [torch.ones(2)]}, "classes": w.classes,
-        "preprocess": w.preprocess, "data": {"kind": "sample"}, "metrics": {"val_top1": 0.25}, "epoch": 2,
-        "step": 20, "batch_in_epoch": 0, "rng": {"torch": torch.get_rng_state()}, "run": {"lr": 0.1},
-    }
+    ckpt = make_checkpoint(w)
     save_checkpoint(tmp_path / "last.ckpt", ckpt)
     back = load_checkpoint(tmp_path / "last.ckpt")
     assert back["format"] == CHECKPOINT_FORMAT and back["epoch"] == 2 and torch.equal(back["rng"]["torch"],
