@@ -15,7 +15,7 @@ from mobilenet_fn import apply, load_weights
 from mobilenet_fn.cli.main import app
 from mobilenet_fn.importers import convert_file, imagenet_classes
 from mobilenet_fn.weights import save_checkpoint
-from test_weights import assert_trees_equal, make_weights, one_line_error
+from test_weights import assert_trees_equal, make_checkpoint, make_weights, one_line_error
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
@@ -204,10 +204,7 @@ def test_hub_id_is_converted_from_the_local_hub_cache(tmp_path, monkeypatch):
 
 def test_checkpoint_to_weights_drops_the_optimizer(tmp_path):
     w = make_weights()
-    ckpt = {"config": w.config.to_dict(), "params": w.params, "state": w.state,
-            "opt_state": {"m": [torch.ones(3)]}, "classes": w.classes, "preprocess": w.preprocess,
-            "data": {"kind": "sample"}, "metrics": {"val_top1": 0.75}, "epoch": 4, "step": 40, "batch_in_epoch": 0,
-            "rng": {"torch": torch.get_rng_state()}, "run": {"epochs": 4}}
+    ckpt = {**make_checkpoint(w), "metrics": {"val_top1": 0.75}}
     save_checkpoint(tmp_path / "best.ckpt", ckpt)
     result = invoke("convert", tmp_path / "best.ckpt", "-o", tmp_path / "w.pkl")
     assert result.exit_code == 0, result.output
@@ -229,10 +226,7 @@ def test_output_is_never_replaced_without_force(tmp_path, timm_model):
 
 def test_classes_file(tmp_path):
     w = make_weights()
-    save_checkpoint(tmp_path / "c.ckpt", {"config": w.config.to_dict(), "params": w.params, "state": w.state,
-                                          "opt_state": {}, "classes": w.classes, "preprocess": w.preprocess,
-                                          "data": None, "metrics": {}, "epoch": 1, "step": 1, "batch_in_epoch": 0,
-                                          "rng": {}, "run": {}})
+    save_checkpoint(tmp_path / "c.ckpt", {**make_checkpoint(w), "data": None, "metrics": {}})
     (tmp_path / "names.txt").write_text("cat\ndog\n\nbird\n")
     assert invoke("convert", tmp_path / "c.ckpt", "-o", tmp_path / "w.pkl", "--classes-file",
                   tmp_path / "names.txt").exit_code == 0
