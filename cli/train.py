@@ -249,6 +249,13 @@ class Terminated(KeyboardInterrupt):
 
 
 def _raise_terminated(signum, frame):
+    import signal
+
+    # A scheduler signals the whole job: a DataLoader worker that dies of the same SIGTERM (before its
+    # worker_init_fn could ignore it) must not turn the interruption into the loader's crash, which its SIGCHLD
+    # handler would raise next. Python runs pending handlers in signal order, SIGTERM (15) before SIGCHLD (17).
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the checkpoint short
     raise Terminated
 
 
@@ -273,7 +280,6 @@ def _run(trainer, run) -> None:
                     run.append_metrics(event.metrics)
                 view.show(event)
     except KeyboardInterrupt as e:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the checkpoint short
         if run is not None:
             path = run.save_last(trainer.checkpoint())
             err.print(escape(f"Interrupted. Saved {path}; continue with: mobilenet-fn train --resume {run.path}"),
