@@ -251,9 +251,10 @@ class Terminated(KeyboardInterrupt):
 def _raise_terminated(signum, frame):
     import signal
 
-    # A scheduler signals the whole job: a DataLoader worker that dies of the same SIGTERM (before its
-    # worker_init_fn could ignore it) must not turn the interruption into the loader's crash, which its SIGCHLD
-    # handler would raise next. Python runs pending handlers in signal order, SIGTERM (15) before SIGCHLD (17).
+    # A scheduler signals the whole job: the DataLoader workers die of the same SIGTERM, which must not turn the
+    # interruption into the loader's crash, raised next by its SIGCHLD handler. Python runs pending handlers in
+    # signal order, SIGTERM (15) before SIGCHLD (17). (Workers that ignored SIGTERM could outlive the trainer and
+    # block its exit, waiting for work from it.)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the checkpoint short
     raise Terminated

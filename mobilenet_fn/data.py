@@ -439,14 +439,6 @@ class _Files(torch.utils.data.Dataset):
             return self.transform(image), label
 
 
-def _leave_sigterm_to_the_trainer(worker_id: int) -> None:
-    """A scheduler's SIGTERM often reaches every process of the job: the training process saves a checkpoint and
-    then stops the workers, which must not die first (the loader would turn that into a crash)."""
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 def _collate(items):
     good = [(x, y) for x, y in items if x is not None]
     bad = [p for x, p in items if x is None]
@@ -515,7 +507,6 @@ def batches(
     loader = torch.utils.data.DataLoader(
         files, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch),
-        worker_init_fn=_leave_sigterm_to_the_trainer if train else None,
     )
     for i, (x, y, bad) in enumerate(loader, start=start):
         if x is None:
