@@ -5,7 +5,6 @@ the process group must be gone and, on Linux, so must Gloo's worker threads. ``e
 1 waits in a collective; rank 0's teardown must not wait for rank 1 (torchrun stops the job).
 """
 
-import os
 import sys
 import time
 import weakref
