@@ -60,14 +60,15 @@ import torch.nn.functional as F
 import mobilenet_fn
 from mobilenet_fn.model import Config, apply, fold_batchnorm, init
 from mobilenet_fn.optim import sgd
-from mobilenet_fn.step import build_step, device_policy, initial_state, to_device
+from mobilenet_fn.step import build_step, cpu_native_bf16, device_policy, initial_state, to_device
 
 NUM_CLASSES = 1000
 LR = 0.01  # constant; small enough that random data keeps every contender finite for the whole run
 MOMENTUM = 0.9
 LABEL_SMOOTHING = 0.1
 # The ratio columns: (column header, the timm row's tag).
-BASELINES = (("÷ timm NCHW", "eager-nchw"), ("÷ timm CL", "eager-cl"), ("÷ timm comp.", "compiled"))
+BASELINES = (("÷ timm NCHW", "eager-nchw"), ("÷ timm CL", "eager-cl"), ("÷ timm comp.", "compiled"),
+             ("÷ ours f32", "ours-f32"))
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class Contender:
     name: str
     run: Callable[[int], None]  # runs n steps
     ours: bool
-    tag: str = ""  # timm: which ratio column it is ("eager-nchw", ...); ours: ""
+    tag: str = ""  # a baseline: which ratio column it is ("eager-nchw", ..., "ours-f32"); others: ""
     mode: str = ""  # inference: "no_grad" or "inference_mode"; ratios pair rows of the same mode
     first_s: float = 0.0  # the first call (compilation included)
     peak_mib: float | None = None
@@ -141,10 +142,10 @@ def autocast(dev: torch.device, dtype: torch.dtype | None):
 # Training contenders
 
 
-def ours_train(cfg: Config, dev: torch.device, x, y, compile_flag: str):
+def ours_train(cfg: Config, dev: torch.device, x, y, compile_flag: str, amp_flag: str):
     """The step ``mobilenet-fn train`` runs (the Trainer's policy, initial state and step), with weight decay 0;
     ``cfg.resolution`` is the input size, as in a training run. Returns (run, compiled)."""
-    policy = device_policy(dev, compile=compile_flag, resolution=cfg.resolution, batch=len(y))
+    policy = device_policy(dev, compile=compile_flag, amp=amp_flag, resolution=cfg.resolution, batch=len(y))
     optimizer = sgd(momentum=MOMENTUM, nesterov=True)
     step = build_step(cfg, optimizer, policy, label_smoothing=LABEL_SMOOTHING)
     params, state, opt_state = initial_state(cfg, optimizer, dev, seed=0)
@@ -191,21 +192,27 @@ def train_contenders(cfg: Config, args, dev: torch.device, case: Case) -> list[t
     """(name, builder) pairs; a builder returns a Contender (building is what the peak memory covers)."""
     x, y = random_batch(case, dev)
     cfg = cfg.replace(resolution=case.resolution)  # what `train` sets from the data; --compile auto reads it
-    defaults = device_policy(dev, resolution=cfg.resolution, batch=case.batch)  # a long run's --compile auto
-    auto = ("cudagraphs" if defaults.cuda_graphs else "on") if defaults.compiled else "off"
-    amp = defaults.amp
+    amp = device_policy(dev, amp=args.amp).amp
     out = []
     variants = [("off", "eager"), ("on", "compiled")]
     if dev.type == "cuda" and args.cuda_graphs:
         variants.append(("cudagraphs", "compiled + CUDA graphs"))
-    for flag, label in variants:
-        name = f"mobilenet-fn {label}" + (" (train default)" if flag == auto else "")
+    precisions = [(args.amp, " bf16" if amp else "")]
+    if amp and dev.type == "cpu":  # bf16 on the CPU: against our own float32 step too
+        precisions.append(("off", " f32"))
+    for amp_flag, suffix in precisions:
+        policy = device_policy(dev, resolution=cfg.resolution, batch=case.batch, amp=amp_flag)
+        auto = ("cudagraphs" if policy.cuda_graphs else "on") if policy.compiled else "off"
+        for flag, label in variants:
+            name = f"mobilenet-fn {label}{suffix}" + (" (train default)" if flag == auto and amp_flag == args.amp
+                                                      else "")
+            tag = "ours-f32" if flag == auto and suffix == " f32" else ""
 
-        def build(flag=flag, name=name):
-            run, _ = ours_train(cfg, dev, x, y, flag)
-            return Contender(name, run, ours=True)
+            def build(flag=flag, amp_flag=amp_flag, name=name, tag=tag):
+                run, _ = ours_train(cfg, dev, x, y, flag, amp_flag)
+                return Contender(name, run, ours=True, tag=tag)
 
-        out.append((name, build))
+            out.append((name, build))
     formats = (False, True) if dev.type == "cpu" else (True,)
     for cl in formats:
         name = f"timm eager {'CL' if cl else 'NCHW'}" + (" bf16" if amp else "")
@@ -230,11 +237,11 @@ def grad_mode(mode: str):
 
 def infer_contenders(cfg: Config, args, dev: torch.device, case: Case) -> list[tuple[str, Callable]]:
     x, _ = random_batch(case, dev)
-    policy = device_policy(dev)  # what the Trainer's validation runs with
+    policy = device_policy(dev, amp=args.amp)  # what the Trainer's validation runs with
     amp, ours_cl = policy.amp, policy.channels_last
     out = []
 
-    def ours(mode: str, folded: bool):
+    def ours(mode: str, folded: bool, amp=amp):
         params, state = init(cfg, torch.Generator().manual_seed(0))
         params, state = to_device(params, dev), to_device(state, dev)
         if folded:
@@ -271,6 +278,10 @@ def infer_contenders(cfg: Config, args, dev: torch.device, case: Case) -> list[t
         out.append((name, lambda mode=mode, name=name: Contender(name, ours(mode, False), ours=True, mode=mode)))
     name = "mobilenet-fn BN-folded no_grad"
     out.append((name, lambda name=name: Contender(name, ours("no_grad", True), ours=True, mode="no_grad")))
+    if amp and dev.type == "cpu":  # against the float32 folded tree, what eval and predict run on the CPU
+        name = "mobilenet-fn BN-folded no_grad f32"
+        out.append((name, lambda name=name: Contender(name, ours("no_grad", True, None), ours=True, mode="no_grad",
+                                                      tag="ours-f32")))
     for cl in ((False, True) if dev.type == "cpu" else (True,)):
         for mode in ("no_grad", "inference_mode"):
             name = f"timm eval {'CL' if cl else 'NCHW'} {mode}" + (" bf16" if amp else "")
@@ -362,10 +373,10 @@ def results_of(contenders: list[Contender], others: float | None, dev: torch.dev
             "rounds_img_per_s": per_round, "ratios": {},
         })
     for row, c in zip(rows, contenders):
-        if not c.ours:
+        if not c.ours or c.tag:
             continue
         for header, tag in BASELINES:
-            match = [t for t in contenders if not t.ours and t.tag == tag and t.mode == c.mode]
+            match = [t for t in contenders if t.tag == tag and t.mode == c.mode]
             if match:
                 row["ratios"][tag] = row["img_per_s"] / rates[match[0].name]
     return rows
@@ -392,12 +403,24 @@ def machine_info(devices: list[torch.device]) -> dict:
         "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
         "mobilenet_fn": getattr(mobilenet_fn, "__version__", "?"),
         "devices": [torch.cuda.get_device_name(d) if d.type == "cuda" else f"cpu ({cpu})" for d in devices],
+        "cpu_flags": cpu_flags(), "cpu_native_bf16": cpu_native_bf16(),
     }
     try:
         info["loadavg"] = Path("/proc/loadavg").read_text().split()[:3]
     except OSError:
         pass
     return info
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's flags that bf16 and int8 speed depend on, from /proc/cpuinfo."""
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return [f for f in wanted if f in flags]
 
 
 def table(rows: list[dict], show_peak: bool) -> str:
@@ -454,6 +477,9 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=None, help="width multiplier (default 1.0; 0.25 with --quick)")
     p.add_argument("--activation", default="relu", choices=("relu", "relu6"),
                    help="for both models (ours trains with relu by default; timm's stock model is relu6)")
+    p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16"),
+                   help="precision, as `train --amp`: auto (bf16 on CUDA and on CPUs with native bf16), off, bf16; "
+                        "with bf16 on the CPU our float32 step runs too (the ÷ ours f32 column)")
     p.add_argument("--train-224", action="store_true", help="also train at 224 px, batch 32 (and 256 on CUDA)")
     p.add_argument("--case", type=parse_case, action="append", default=None, metavar="KIND:RES:BATCH",
                    help="run only these cases (repeatable), e.g. train:224:256 or infer:224:32")
@@ -525,6 +551,8 @@ def bench(args) -> None:
     print(f"cpu {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads"
           + (f", load average {' '.join(info['loadavg'])} at start" if "loadavg" in info else ""))
     print("devices: " + "; ".join(info["devices"]))
+    print(f"cpu flags: {' '.join(info['cpu_flags']) or '?'}; native bf16: {info['cpu_native_bf16'] or 'none'}; "
+          f"--amp {args.amp}")
     print(f"α {args.alpha}, {args.activation}, 1000 classes; parameters: mobilenet-fn {ours_n:,}, timm {timm_n:,}; "
           f"SGD lr {LR} momentum {MOMENTUM} Nesterov, weight decay 0, label smoothing {LABEL_SMOOTHING}")
     for d in devices:

@@ -36,7 +36,8 @@ def train(
                                                  "256 images of 128 px; CPU for runs long enough to repay "
                                                  "compiling), on, cudagraphs (one process), off.")] = "auto",
     channels_last: Annotated[str, Opt(help="Memory format: auto (on), on, off.")] = "auto",
-    amp: Annotated[str, Opt(help="Mixed precision: auto (bf16 on CUDA), bf16, off.")] = "auto",
+    amp: Annotated[str, Opt(help="Mixed precision: auto (bf16 on CUDA and on CPUs that compute bf16 natively: "
+                                          "AVX-512 BF16 or AMX), bf16, off.")] = "auto",
     seed: Annotated[int, Opt(help="Seed of the initialisation, data order and augmentation.")] = 0,
     workers: Annotated[int, Opt(help="DataLoader workers for image folders.")] = 2,
     val_split: Annotated[float, Opt(help="Validation fraction for a folder without val/.")] = 0.2,

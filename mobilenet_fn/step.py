@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -44,13 +45,14 @@ CUDA_GRAPHS_MAX_PIXELS = 256 * 128 * 128  # batch x height x width: 128 px x 256
 @dataclass(frozen=True)
 class Policy:
     """How the model runs on ``device``: a compiled or eager step (replayed as CUDA graphs or not), activations and
-    weights channels-last or not, autocast to ``amp`` (None: float32)."""
+    weights channels-last or not, autocast to ``amp`` (None: float32), and why that precision (``precision``)."""
 
     device: torch.device
     compiled: bool = False
     cuda_graphs: bool = False
     channels_last: bool = False
     amp: torch.dtype | None = None
+    precision: str = ""  # e.g. "bfloat16 (the CPU computes bf16 natively: AMX)"
 
     @property
     def amp_name(self) -> str | None:
@@ -62,7 +64,8 @@ class Policy:
     def describe(self) -> str:
         """e.g. "compiled, CUDA graphs, channels-last, bfloat16"."""
         return ", ".join(x for x in ("compiled" if self.compiled else "eager", "CUDA graphs" if self.cuda_graphs
-                                     else None, "channels-last" if self.channels_last else None, self.amp_name) if x)
+                                     else None, "channels-last" if self.channels_last else None,
+                                     self.precision or self.amp_name) if x)
 
 
 def use_compile(flag: str, device: torch.device, resolution: int = 224, images: int | None = None) -> bool:
@@ -88,11 +91,30 @@ def use_channels_last(flag: str, device: torch.device) -> bool:
     return flag == "on" or (flag == "auto" and device.type in ("cuda", "cpu"))
 
 
-def autocast_dtype(flag: str, device: torch.device) -> torch.dtype | None:
-    """auto: bf16 on CUDA, float32 elsewhere."""
-    if flag == "bf16" or (flag == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+@functools.cache
+def cpu_native_bf16() -> str | None:
+    """The x86 features with which this CPU computes bf16 natively ("AVX-512 BF16", "AMX"), or None.
+
+    Read from the CPU (PyTorch's cpuinfo), not guessed from the vendor: AVX-512 BF16 (Intel Cooper Lake and later,
+    AMD Zen 4 and later) and AMX (Intel Sapphire Rapids and later), which oneDNN's bf16 kernels use. Without them
+    oneDNN emulates bf16, slower than float32."""
+    found = [name for name, probe in (("AVX-512 BF16", "_is_avx512_bf16_supported"), ("AMX", "_is_amx_tile_supported"))
+             if getattr(torch.cpu, probe, lambda: False)()]
+    return ", ".join(found) or None
+
+
+def precision(flag: str, device: torch.device) -> tuple[str, str]:
+    """("bfloat16" or "float32", why) for ``--amp flag`` on ``device``. auto: bf16 autocast on CUDA and on CPUs
+    that compute bf16 natively (``cpu_native_bf16``), float32 elsewhere."""
+    if flag != "auto":
+        return ("bfloat16", "--amp bf16") if flag == "bf16" else ("float32", "--amp off")
+    if device.type == "cuda":
+        return "bfloat16", "auto on CUDA"
+    if device.type == "cpu":
+        native = cpu_native_bf16()
+        return ("bfloat16", f"the CPU computes bf16 natively: {native}") if native else \
+            ("float32", "the CPU has no native bf16")
+    return "float32", f"no bf16 autocast on {device.type}"
 
 
 def device_policy(device: torch.device, *, compile: str = "auto", channels_last: str = "auto", amp: str = "auto",
@@ -103,9 +125,11 @@ def device_policy(device: torch.device, *, compile: str = "auto", channels_last:
     (synchronised BatchNorm)."""
     device = torch.device(device)
     compiled = use_compile(compile, device, resolution, images) and not eager_only
+    dtype, why = precision(amp, device)
     return Policy(device, compiled=compiled,
                   cuda_graphs=compiled and not distributed and use_cuda_graphs(compile, device, resolution, batch),
-                  channels_last=use_channels_last(channels_last, device), amp=autocast_dtype(amp, device))
+                  channels_last=use_channels_last(channels_last, device),
+                  amp=torch.bfloat16 if dtype == "bfloat16" else None, precision=f"{dtype} ({why})")
 
 
 def inference_policy(device: torch.device) -> Policy:

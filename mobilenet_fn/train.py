@@ -45,7 +45,7 @@ class TrainOptions:
     augment: str = "crop-flip"  # or "none"
     compile: str = "auto"  # auto | on | cudagraphs | off
     channels_last: str = "auto"  # auto | on | off
-    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
+    amp: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16) | bf16 | off
     seed: int = 0
     workers: int = 2
     val_split: float = 0.2

@@ -1,0 +1,106 @@
+"""Precision: `--amp auto` follows the CPU's native bf16, and the bf16 step keeps BatchNorm, loss and optimizer in
+float32 while matching the float32 computation within bf16's rounding."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._pytree import tree_leaves
+
+from conftest import randomize_batchnorm
+from mobilenet_fn import Config, init
+from mobilenet_fn import step as step_lib
+from mobilenet_fn.importers import from_timm
+from mobilenet_fn.optim import Optimizer, sgd
+from mobilenet_fn.step import compile_step, device_policy, make_step, precision
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+GRADS_OUT = Optimizer(init=lambda p: {}, update=lambda g, s, p, lr: (g, s))  # a step that hands back its gradients
+
+
+def cpuinfo_flags() -> set[str]:
+    text = Path("/proc/cpuinfo").read_text()
+    return set(next(line for line in text.splitlines() if line.startswith("flags")).split(":", 1)[1].split())
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU's flags from /proc/cpuinfo")
+def test_native_bf16_is_read_from_the_cpu_as_the_kernel_reports_it():
+    flags = cpuinfo_flags()
+    native = step_lib.cpu_native_bf16()
+    assert ("AVX-512 BF16" in (native or "")) == ("avx512_bf16" in flags)
+    assert ("AMX" in (native or "")) == ("amx_tile" in flags)
+
+
+@pytest.mark.parametrize("native", ["AVX-512 BF16, AMX", None])
+def test_amp_auto_is_bf16_on_a_cpu_with_native_bf16_and_float32_on_one_without(monkeypatch, native):
+    monkeypatch.setattr(step_lib, "cpu_native_bf16", lambda: native)
+    policy = device_policy(CPU, amp="auto")
+    if native:
+        assert policy.amp == torch.bfloat16
+        assert policy.describe().endswith("bfloat16 (the CPU computes bf16 natively: AVX-512 BF16, AMX)")
+    else:  # forced off: what every CPU without it gets, the float32 policy of --amp off
+        off = device_policy(CPU, amp="off")
+        assert policy.amp is None and replace(policy, precision="") == replace(off, precision="")
+        assert policy.describe().endswith("float32 (the CPU has no native bf16)")
+    # The explicit flags and CUDA do not depend on the CPU.
+    assert device_policy(CPU, amp="off").amp is None and device_policy(CPU, amp="bf16").amp == torch.bfloat16
+    assert device_policy(CUDA, amp="auto").amp == torch.bfloat16
+    assert precision("auto", torch.device("mps")) == ("float32", "no bf16 autocast on mps")
+
+
+def test_the_bf16_step_matches_timm_under_the_same_autocast_and_keeps_batchnorm_loss_and_optimizer_in_float32():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv1_100", act_layer=torch.nn.ReLU, num_classes=10).train()
+    randomize_batchnorm(model)
+    cfg = Config(num_classes=10)
+    params, state = from_timm(model.state_dict())
+    x = torch.randn(8, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (8,))
+    opt = sgd(momentum=0.9, nesterov=True)
+    new_params, new_state, opt_state, metrics = make_step(cfg, opt, amp_dtype=torch.bfloat16, for_compile=False)(
+        params, state, opt.init(params), (x, y), torch.tensor(0.1))
+    for tree in (new_params, new_state, opt_state, metrics["loss"]):
+        assert {t.dtype for t in tree_leaves(tree) if t.is_floating_point()} == {torch.float32}
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the reference: timm the ordinary way, same autocast
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y)
+    loss.backward()
+    assert metrics["loss"].item() == pytest.approx(loss.item(), rel=1e-4)
+    ref_params, ref_state = from_timm(model.state_dict())
+    grads, _ = from_timm({k: p.grad for k, p in model.named_parameters()} | dict(model.named_buffers()))
+    # The first SGD step with Nesterov momentum 0.9 moves each tensor by lr * 1.9 * grad: each tensor's update
+    # against timm's gradient, within what bf16's rounding (in another order) leaves.
+    for got, before, g in zip(tree_leaves(new_params), tree_leaves(params), tree_leaves(grads)):
+        update, want = before - got, 0.1 * 1.9 * g
+        assert (update - want).norm() <= 0.02 * want.norm() + 1e-7
+    for got, want in zip(tree_leaves(new_state), tree_leaves(ref_state)):  # BatchNorm's running statistics
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+
+
+def tree_distance(a, b) -> float:
+    return sum(((x - y).float().norm() ** 2).item() for x, y in zip(tree_leaves(a), tree_leaves(b))) ** 0.5
+
+
+@pytest.mark.slow
+def test_the_compiled_bf16_step_is_the_eager_bf16_step():
+    torch._dynamo.reset()
+    cfg = Config(alpha=0.25, num_classes=10, resolution=32)
+    params, state = init(cfg, torch.Generator().manual_seed(0))
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    batch = (x.contiguous(memory_format=torch.channels_last), torch.arange(16) % 10)
+    lr = torch.tensor(0.1)
+    eager = make_step(cfg, GRADS_OUT, amp_dtype=torch.bfloat16, for_compile=False)(params, state, {}, batch, lr)
+    compiled = compile_step(make_step(cfg, GRADS_OUT, amp_dtype=torch.bfloat16))(params, state, {}, batch, lr)
+    float32 = make_step(cfg, GRADS_OUT, for_compile=False)(params, state, {}, batch, lr)
+    assert compiled[3]["loss"].item() == pytest.approx(eager[3]["loss"].item(), rel=1e-2)
+    assert {t.dtype for t in tree_leaves(compiled[:2]) if t.is_floating_point()} == {torch.float32}
+    # A random network in training mode at batch 16 amplifies rounding: bf16's gradients differ from float32's by
+    # about their own size here (timm's too, under the same autocast). The compiled step's are a bf16 computation
+    # of the same function: several times closer to the eager bf16 step's than either is to float32's.
+    assert tree_distance(compiled[0], eager[0]) < 0.5 * tree_distance(compiled[0], float32[0])
+    assert tree_distance(compiled[0], eager[0]) < 0.5 * tree_distance(eager[0], float32[0])
+    assert tree_distance(compiled[1], eager[1]) < 0.5 * tree_distance(eager[1], float32[1])  # BatchNorm statistics
