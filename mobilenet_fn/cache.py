@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -122,7 +123,9 @@ def decode_on_device(paths: list[str], layout: Layout, device: torch.device) -> 
                 data[k] = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
 
     def decode(batch: list[torch.Tensor]) -> list[torch.Tensor]:
-        return decode_jpeg(batch, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+        with warnings.catch_warnings():  # torchvision 0.29 announces their move to TorchCodec
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(batch, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
 
     keys = [k for k, d in data.items() if d.numel()]
     try:
@@ -156,8 +159,11 @@ def decode_all(paths: list[str], layout: Layout, *, threads: int,
                 else:
                     yield i, image
         left = failed
-    with ThreadPoolExecutor(max(1, threads)) as pool:
+    pool = ThreadPoolExecutor(max(1, threads))
+    try:
         yield from zip(left, pool.map(lambda i: decode_file(paths[i], layout), left))
+    finally:  # Ctrl-C or an error: the images not yet started are dropped, not decoded first
+        pool.shutdown(cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
