@@ -120,7 +120,12 @@ def main() -> None:
     parser.add_argument("--accuracy-epochs", type=int, default=6)
     parser.add_argument("--speed-images", type=int, default=3200, help="training images per timed epoch")
     parser.add_argument("--quick", action="store_true", help="2 rounds, α 0.25 only, no accuracy runs")
+    parser.add_argument("--threads", type=int, help="torch's threads in this process (default: torch's choice); "
+                                                     "1 where other work holds a core (2 spin-waiting threads "
+                                                     "sharing a busy core ran the step 3-20x slower)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.rounds, args.alphas, args.accuracy_epochs = 2, [0.25], 0
     print(machine())

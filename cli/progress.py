@@ -76,7 +76,8 @@ class TrainProgress:
 def decoding():
     """A progress bar for building a decoded cache; yields the callback (done, total) the library calls."""
     bar = Progress(TextColumn("Decoding images into the cache"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal)
+                   TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True,
+                   disable=not err.is_terminal)
     task = None
 
     def update(done: int, total: int) -> None:
