@@ -2,8 +2,9 @@
 
 ``load(name_or_path, ...)`` returns a ``Dataset``: class names, a train and a validation ``Source`` (and a test one
 for Fashion-MNIST), the preprocessing, and a description of the split for ``split.json``. A source is either a
-``TensorSource`` (a small set held in memory as one uint8 tensor and augmented per batch on the device) or a
-``FileSource`` (image files streamed through a DataLoader with workers; unreadable files are skipped and counted).
+``TensorSource`` (uint8 images held in memory, or a folder's decoded cache (``cache.py``), augmented per batch on
+the device) or a ``FileSource`` (image files streamed through a DataLoader with workers, for ``--cache off``;
+unreadable files are skipped and counted).
 ``batches(...)`` turns a source into normalised (N, 3, R, R) float batches on the device.
 """
 
