@@ -18,7 +18,9 @@ def evaluate(
                                                      "folder. Default: the validation split recorded in the file.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch.")] = 256,
     device: DEVICE = "auto",
-    workers: Annotated[int, typer.Option(help="DataLoader workers for image folders.")] = 2,
+    workers: Annotated[int, typer.Option(help="DataLoader workers for image folders with --cache off.")] = 2,
+    cache: Annotated[str, typer.Option(help="Image folders: read through the decoded cache train uses (auto, "
+                                            "ram, disk) or decode the files (off).")] = "auto",
     json: JSON = False,
     plot: Annotated[Optional[Path], typer.Option(help="Write the confusion matrix to this PNG.")] = None,
 ):
@@ -46,6 +48,7 @@ def evaluate(
     else:
         source = data_lib.eval_source(data, w.classes)
         where = data
+    source, unreadable = _through_cache(source, w.preprocess, cache, dev)
     with err.status(f"Evaluating {len(source)} images…"):
         result = run_eval(w.config, to_device(w.params, dev), to_device(w.state, dev), source, w.preprocess,
                           batch_size=batch_size, policy=inference_policy(dev), workers=workers)
@@ -55,7 +58,7 @@ def evaluate(
         plot_confusion(result["confusion"], w.classes, plot)
     per_class = {c: a for c, a in zip(w.classes, result["per_class"])}
     skipped = [{"path": getattr(s, "path", str(s)), "error": getattr(s, "reason", "unreadable")}
-               for s in result["skipped"]]  # the same shape as predict's
+               for s in unreadable + result["skipped"]]  # the same shape as predict's
     if json:
         print_json({"top1": result["top1"], "top5": result["top5"], "loss": result["loss"], "n": result["n"],
                     "per_class": per_class, "skipped": skipped, "data": where})
@@ -76,3 +79,17 @@ def evaluate(
         err.print(f"[yellow]Skipped[/] {escape(s['path'])}: {escape(s['error'])}", highlight=False, soft_wrap=True)
     if len(skipped) > SHOWN_SKIPS:
         err.print(f"Skipped {len(skipped)} unreadable file(s) in all; --json lists every one", highlight=False)
+
+
+def _through_cache(source, preprocess: dict, mode: str, dev):
+    """``source`` read through its folder's decoded cache, and the unreadable files the cache left out."""
+    from mobilenet_fn.cache import cached
+
+    from .progress import decoding, report_cache
+
+    with decoding() as progress:
+        source, report, unreadable = cached(source, preprocess, mode, device=dev if dev.type == "cuda" else None,
+                                            progress=progress)
+    if report is not None:
+        report_cache(report)
+    return source, unreadable

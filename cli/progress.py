@@ -5,7 +5,10 @@ When stderr is not a terminal (a log file, CI), plain lines instead of a live di
 
 from __future__ import annotations
 
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+import contextlib
+
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .common import err
 
@@ -67,3 +70,43 @@ class TrainProgress:
             if "test_top1" in event.metrics:
                 err.print(f"Test top-1 of the best epoch ({event.metrics['test_of_epoch']}): "
                           f"{100 * event.metrics['test_top1']:.2f}%")
+
+
+@contextlib.contextmanager
+def decoding():
+    """A progress bar for building a decoded cache; yields the callback (done, total) the library calls."""
+    bar = Progress(TextColumn("Decoding images into the cache"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True,
+                   disable=not err.is_terminal)
+    task = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            task = bar.add_task("decode", total=total)
+        bar.update(task, completed=done)
+
+    with bar:
+        yield update
+
+
+def report_cache(report, shown: int = 5) -> None:
+    """One line on what the cache did; at the build, the unreadable files it left out."""
+    where = "in RAM" if report.mode == "ram" else "memory-mapped"
+    size = f"{report.images} images, {report.bytes / 2**20:.0f} MiB {where}"
+    if report.rebuilt_because:
+        err.print(escape(f"Rebuilding the cache at {report.path}: {report.rebuilt_because}"), highlight=False,
+                  soft_wrap=True)
+    if report.built:
+        line = (f"Decoded {report.images + len(report.skipped)} images in {report.seconds:.1f} s "
+                f"({(report.images + len(report.skipped)) / max(report.seconds, 1e-9):.0f} img/s) into the cache "
+                f"({size}): {report.path}")
+    else:
+        line = f"Read the decoded cache ({size}) in {report.seconds:.2f} s: {report.path}"
+    err.print(escape(line), highlight=False, soft_wrap=True)
+    if report.built and report.skipped:
+        err.print(escape(f"Left out {len(report.skipped)} unreadable image(s):"), highlight=False)
+        for s in report.skipped[:shown]:
+            err.print(escape(f"  {s}"), highlight=False, soft_wrap=True)
+        if len(report.skipped) > shown:
+            err.print(f"  … and {len(report.skipped) - shown} more", highlight=False)

@@ -39,7 +39,11 @@ def train(
     amp: Annotated[str, Opt(help="Mixed precision: auto (bf16 on CUDA and on CPUs that compute bf16 natively: "
                                           "AVX-512 BF16 or AMX), bf16, off.")] = "auto",
     seed: Annotated[int, Opt(help="Seed of the initialisation, data order and augmentation.")] = 0,
-    workers: Annotated[int, Opt(help="DataLoader workers for image folders.")] = 2,
+    workers: Annotated[int, Opt(help="DataLoader workers for image folders with --cache off.")] = 2,
+    cache: Annotated[str, Opt(help="Image folders: decode each image once into a uint8 cache in "
+                                   "$MOBILENET_FN_CACHE (default ~/.cache/mobilenet-fn) and augment batches on the "
+                                   "device: auto (in RAM when it fits, else memory-mapped), ram, disk, or off "
+                                   "(decode every epoch in --workers processes).")] = "auto",
     val_split: Annotated[float, Opt(help="Validation fraction for a folder without val/.")] = 0.2,
     out: Annotated[Optional[Path], Opt(help="Run folder (must not exist). Default: runs/<data>-a<α>-r<res>.")] = None,
     resume: Annotated[Optional[Path], Opt(help="Continue the run in this folder (from its last.ckpt).")] = None,
@@ -73,7 +77,7 @@ def train(
                 data=data, epochs=15 if epochs is None else epochs, batch_size=_batch_size(batch_size, dev), lr=lr,
                 optimizer=optimizer, schedule=schedule, warmup_epochs=warmup_epochs, weight_decay=weight_decay,
                 label_smoothing=label_smoothing, augment=augment, compile=compile, channels_last=channels_last,
-                amp=amp, seed=seed, workers=workers, val_split=val_split, device=str(dev),
+                amp=amp, seed=seed, workers=workers, cache=cache, val_split=val_split, device=str(dev),
                 freeze_backbone=freeze_backbone, init_weights=str(init) if init else None, sync_bn=sync_bn,
             )
             if rho is not None:
@@ -114,6 +118,7 @@ def _new_run(opts, *, auto_batch, alpha, resolution, activation, dropout, init, 
     with err.status("Loading data…"):
         dataset = data_lib.load(opts.data, resolution=resolution, val_split=opts.val_split, seed=opts.seed)
     _report_ignored(dataset.ignored)
+    dataset = _through_cache(dataset, opts.cache, dev)
     base = start.config if start else Config(alpha=0.5 if alpha is None else alpha, activation=activation or "relu")
     cfg = dataclasses.replace(base, resolution=dataset.preprocess["resolution"], num_classes=len(dataset.classes),
                               dropout=dropout)
@@ -157,6 +162,23 @@ def _report_ignored(ignored: list[str]) -> None:
 
         err.print(escape(f"Ignored {len(ignored)} file(s) that are not images, e.g. {ignored[0]}"), highlight=False,
                   soft_wrap=True)
+
+
+def _through_cache(dataset, mode: str, dev):
+    """The dataset with its folders read through the decoded cache (built first, with a progress bar, if need be).
+    Each of this machine's processes holds a copy in RAM; one of them builds it while the others wait."""
+    import os
+
+    from mobilenet_fn.cache import cached_dataset
+
+    from .progress import decoding, report_cache
+
+    with decoding() as progress:
+        dataset, reports = cached_dataset(dataset, mode, device=dev if dev.type == "cuda" else None,
+                                          copies=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), progress=progress)
+    for report in reports:
+        report_cache(report)
+    return dataset
 
 
 def _load_init(path: Path, *, alpha: float, activation: str):
@@ -224,7 +246,7 @@ def _resume(run_dir: Path, epochs: int | None, dev, ctx):
 
     run = RunDir.open(run_dir)
     ckpt = run.load_last()
-    options = {**ckpt["run"], "device": str(dev)}
+    options = {"cache": "off", **ckpt["run"], "device": str(dev)}  # runs from before the cache read files
     if options["compile"] == "cudagraphs" and dev.type != "cuda":
         options["compile"] = "auto"  # a CUDA run resumed on another device
     opts = TrainOptions(**options)
@@ -238,6 +260,7 @@ def _resume(run_dir: Path, epochs: int | None, dev, ctx):
     if list(dataset.classes) != list(ckpt["classes"]):
         raise UserError(f"the data's classes no longer match the run's ({opts.data})")
     _report_ignored(dataset.ignored)
+    dataset = _through_cache(dataset, opts.cache, dev)
     trainer = Trainer(cfg, opts, dataset, dev, dist=ctx)
     trainer.restore(ckpt, best=run.load_best())
     if trainer.epoch >= opts.epochs:

@@ -2,8 +2,9 @@
 
 ``load(name_or_path, ...)`` returns a ``Dataset``: class names, a train and a validation ``Source`` (and a test one
 for Fashion-MNIST), the preprocessing, and a description of the split for ``split.json``. A source is either a
-``TensorSource`` (a small set held in memory as one uint8 tensor and augmented per batch on the device) or a
-``FileSource`` (image files streamed through a DataLoader with workers; unreadable files are skipped and counted).
+``TensorSource`` (uint8 images held in memory, or a folder's decoded cache (``cache.py``), augmented per batch on
+the device) or a ``FileSource`` (image files streamed through a DataLoader with workers, for ``--cache off``;
+unreadable files are skipped and counted).
 ``batches(...)`` turns a source into normalised (N, 3, R, R) float batches on the device.
 """
 
@@ -58,21 +59,31 @@ def skip_reason(error: Exception) -> str:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("MOBILENET_FN_CACHE", Path.home() / ".cache" / "mobilenet-fn"))
+    """Where downloads and decoded caches go: $MOBILENET_FN_CACHE, else mobilenet-fn in $XDG_CACHE_HOME or
+    ~/.cache. Never inside a data folder."""
+    if os.environ.get("MOBILENET_FN_CACHE"):
+        return Path(os.environ["MOBILENET_FN_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "mobilenet-fn"
 
 
 @dataclass
 class TensorSource:
-    images: torch.Tensor  # (N, C, H, W) uint8
+    images: torch.Tensor  # (M, C, H, W) uint8, in memory or memory-mapped (a decoded cache)
     labels: torch.Tensor  # (N,) int64
+    rows: torch.Tensor | None = None  # (N,) int64: the row of ``images`` of each item; None: row i is item i
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def gather(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images (uint8) and labels of ``items``, on the device their tensors are on."""
+        return self.images[items if self.rows is None else self.rows[items]], self.labels[items]
 
 
 @dataclass
 class FileSource:
     samples: list[tuple[str, int]]  # (path, label)
+    root: str | None = None  # the folder of class folders the files come from (what a decoded cache covers)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -221,7 +232,7 @@ def folder_dataset(root: str | Path, *, val_split: float, seed: int,
         if not val:
             raise DataError(f"{root / 'val'}: no images found")
         split = {"kind": "folders", "root": str(root.resolve()), "train": "train", "val": "val"}
-        return classes, FileSource(train), FileSource(val), split
+        return classes, FileSource(train, str(root / "train")), FileSource(val, str(root / "val")), split
     if not 0 < val_split < 1:
         raise DataError(f"--val-split must be between 0 and 1, got {val_split}")
     classes, samples = scan_folder(root, ignored=ignored)
@@ -234,7 +245,7 @@ def folder_dataset(root: str | Path, *, val_split: float, seed: int,
         "kind": "split", "root": str(root.resolve()), "val_split": val_split, "seed": seed,
         "val": [os.path.relpath(p, root) for p, _ in val],
     }
-    return classes, FileSource([samples[i] for i in train_idx.tolist()]), FileSource(val), split
+    return classes, FileSource([samples[i] for i in train_idx.tolist()], str(root)), FileSource(val, str(root)), split
 
 
 def sample_root() -> Path:
@@ -333,11 +344,11 @@ def validation_source(split: dict, classes: list[str]) -> Source:
         raise DataError(f"the validation data recorded in the weights ({root}) is not on this machine")
     if kind in ("folders", "imagenette"):
         _, samples = scan_folder(root / split["val"], classes)
-        return FileSource(samples)
+        return FileSource(samples, str(root / split["val"]))
     if kind == "split":
         index = {c: i for i, c in enumerate(classes)}
         samples = [(str(root / rel), index[Path(rel).parts[0]]) for rel in split["val"]]
-        return FileSource(samples)
+        return FileSource(samples, str(root))
     raise DataError(f"unknown split kind {kind!r}")
 
 
@@ -351,18 +362,19 @@ def eval_source(data: str, classes: list[str]) -> Source:
         root = Path(data).expanduser()
         if not root.is_dir():
             raise DataError(f"{root}: no such folder")
-        names = [p.name for p in _class_folders(root / "val" if (root / "val").is_dir() else root)]
-        _, samples = scan_folder(root / "val" if (root / "val").is_dir() else root, names)
+        folder = root / "val" if (root / "val").is_dir() else root
+        names = [p.name for p in _class_folders(folder)]
+        _, samples = scan_folder(folder, names)
         if not samples:
             raise DataError(f"{root}: no images found")
-        source = FileSource(samples)
+        source = FileSource(samples, str(folder))
     if sorted(names) != sorted(classes):
         missing = sorted(set(names) ^ set(classes))[:5]
         raise DataError(f"{data}: its classes do not match the weights' (differing: {', '.join(missing)})")
     remap = torch.tensor([classes.index(n) for n in names])
     if isinstance(source, TensorSource):
-        return TensorSource(source.images, remap[source.labels])
-    return FileSource([(p, int(remap[label])) for p, label in source.samples])
+        return TensorSource(source.images, remap[source.labels], source.rows)
+    return FileSource([(p, int(remap[label])) for p, label in source.samples], source.root)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -461,6 +473,46 @@ def order(n: int, *, shuffle: bool, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
+# A TensorSource larger than this (a big decoded cache) stays in host memory on CUDA: each batch is gathered into
+# pinned memory and copied while the previous step runs. Smaller ones (Fashion-MNIST: 47 MB) move to the GPU whole.
+DEVICE_RESIDENT_BYTES = 2 << 30
+
+
+def _pinned_gathers(source: TensorSource, items: list[torch.Tensor], device: torch.device):
+    """Yields (images, labels) on ``device`` for each index tensor of ``items``: gathered on the CPU into one of two
+    pinned buffers and copied on a side stream, one batch ahead, so the copy overlaps the step the caller runs
+    on the batch before. A buffer is refilled only once its previous copy has finished."""
+    copy_stream = torch.cuda.Stream(device)
+    buffers, copied = [], [None, None]  # copied[k]: the event that marks the end of buffer k's last copy
+    ready = None
+    for n, j in enumerate(items + [None]):
+        if j is not None:
+            k = n % 2
+            if len(buffers) <= k:
+                buffers.append(torch.empty((len(j), *source.images.shape[1:]), dtype=torch.uint8,
+                                           pin_memory=True))
+            if copied[k] is not None:
+                copied[k].synchronize()
+            rows = j if source.rows is None else source.rows[j]
+            host = torch.index_select(source.images, 0, rows, out=buffers[k][:len(j)])
+            labels = source.labels[j].pin_memory()
+            with torch.cuda.stream(copy_stream):
+                x, y = host.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                copied[k] = torch.cuda.Event()
+                copied[k].record(copy_stream)
+            following = (x, y, copied[k])
+        else:
+            following = None
+        if ready is not None:
+            x, y, done = ready
+            current = torch.cuda.current_stream(device)
+            current.wait_event(done)
+            x.record_stream(current)  # allocated on the copy stream, used on this one
+            y.record_stream(current)
+            yield x, y
+        ready = following
+
+
 def batches(
     source: Source, preprocess: dict, *, batch_size: int, train: bool, augment: bool = True, device="cpu",
     seed: int = 0, epoch: int = 0, start: int = 0, drop_last: bool | None = None, workers: int = 0,
@@ -491,13 +543,15 @@ def batches(
         return Batch(model_input(x, preprocess, channels_last=channels_last), y, skipped)
 
     if isinstance(source, TensorSource):
-        images, labels = source.images, source.labels
-        if device.type == "cuda":
-            images, labels = images.to(device), labels.to(device)
+        streamed = device.type == "cuda" and source.images.nbytes > DEVICE_RESIDENT_BYTES
+        if device.type == "cuda" and not streamed:  # small enough to hold on the GPU: gathered there
+            source = TensorSource(*(t if t is None else t.to(device) for t in (
+                source.images, source.labels, source.rows)))
             idx = idx.to(device)
-        for i in range(start, n_batches):
-            j = idx[i * batch_size: (i + 1) * batch_size]
-            yield finish(images[j], labels[j], i, [])
+        items = [idx[i * batch_size: (i + 1) * batch_size] for i in range(start, n_batches)]
+        gathered = _pinned_gathers(source, items, device) if streamed else map(source.gather, items)
+        for i, (x, y) in enumerate(gathered, start=start):
+            yield finish(x, y, i, [])
         return
 
     items = [(k, *source.samples[k]) for k in idx[start * batch_size: n_batches * batch_size].tolist()]

@@ -17,6 +17,7 @@ import torch
 
 from . import data as data_lib
 from . import distributed
+from .cache import MODES as CACHE_MODES
 from .evaluate import evaluate
 from .model import Config
 from .optim import OPTIMIZERS, SCHEDULES, make_optimizer, make_schedule
@@ -25,7 +26,7 @@ from .weights import Weights
 
 
 CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "augment": ("crop-flip", "none"),
-           "compile": COMPILE_CHOICES, "channels_last": SWITCH_CHOICES, "amp": AMP_CHOICES}
+           "compile": COMPILE_CHOICES, "channels_last": SWITCH_CHOICES, "amp": AMP_CHOICES, "cache": CACHE_MODES}
 
 
 @dataclass
@@ -48,6 +49,7 @@ class TrainOptions:
     amp: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16) | bf16 | off
     seed: int = 0
     workers: int = 2
+    cache: str = "auto"  # image folders: decoded once into a uint8 cache (auto | ram | disk), or off (workers)
     val_split: float = 0.2
     device: str = "cpu"
     freeze_backbone: bool = False

@@ -12,6 +12,12 @@ from torch.utils._pytree import tree_flatten
 from mobilenet_fn import Config
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cache_folder(tmp_path_factory):
+    """Decoded caches go to a temporary folder, never the user's ~/.cache (subprocesses inherit it)."""
+    os.environ["MOBILENET_FN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

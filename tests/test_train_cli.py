@@ -255,13 +255,14 @@ def _colour_folder(root, n=20):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 1, 2])
-def test_a_folder_run_stopped_mid_epoch_resumes_bit_identically(tmp_path, monkeypatch, workers):
-    # Each image's augmentation is drawn from (seed, epoch, image): not from the worker that loads it, nor from
-    # where in the epoch the run started. Dropout draws from torch's RNG, which the checkpoint restores.
+@pytest.mark.parametrize("workers, cache", [(0, "off"), (1, "off"), (2, "off"), (0, "ram"), (0, "disk")])
+def test_a_folder_run_stopped_mid_epoch_resumes_bit_identically(tmp_path, monkeypatch, workers, cache):
+    # Each image's augmentation is drawn from (seed, epoch, image) with --cache off, from (seed, epoch, batch)
+    # through the decoded cache: not from the worker that loads it, nor from where in the epoch the run started.
+    # Dropout draws from torch's RNG, which the checkpoint restores.
     root = _colour_folder(tmp_path / "photos")
     args = ["--data", root, "--resolution", "32", "--batch-size", "8", "--epochs", "2", "--workers", workers,
-            "--dropout", "0.2"]
+            "--dropout", "0.2", "--cache", cache]
     assert train(*args, "--out", tmp_path / "straight").exit_code == 0
     with monkeypatch.context() as m:
         _interrupt_after(m, epoch=1, batches=2)
@@ -284,6 +285,7 @@ def test_sigterm_saves_the_position_says_how_to_resume_and_exits_143(tmp_path):
     run = tmp_path / "run"
     # Its own process group, signalled as a whole, as schedulers do: the loader's worker gets SIGTERM too.
     with training_process([sys.executable, "-m", "mobilenet_fn", "train", *FAST[:-2], "--workers", "1",
+                           "--cache", "off",
                            "--data", root, "--resolution", "32", "--batch-size", "4", "--epochs", "100",
                            "--out", run], run) as proc:
         first = (run / "last.ckpt").stat().st_ino  # the end of epoch 1 (each write is a new file, renamed)
