@@ -15,6 +15,7 @@ from torch.utils._pytree import keystr, tree_flatten_with_path, tree_unflatten
 from .extras import require
 from .files import atomic_write
 from .model import apply, fold_batchnorm
+from .onnx_model import description, session_for, write_description
 from .weights import Weights
 
 
@@ -48,7 +49,8 @@ ONNX_TOLERANCE = 1e-4
 def export_onnx(weights: Weights, path: str | Path, fold_bn: bool = False, opset: int = 18, *,
                 check: bool = True) -> float | None:
     """Writes an ONNX model, input "image" (N, C, R, R) with a dynamic batch axis N, output "logits"
-    (N, num_classes), where R is the config's resolution. With ``check``, onnxruntime runs it at batch sizes 1
+    (N, num_classes), where R is the config's resolution; its metadata carries the class names and preprocessing
+    (``onnx_model.description``). With ``check``, onnxruntime runs it at batch sizes 1
     and 3 before it is put in place; returns the largest absolute difference from ``apply`` (an ExportError
     above 1e-4). The file appears atomically: a temporary file beside ``path``, then a rename."""
     require("onnxscript", "exporting ONNX", "export")
@@ -66,6 +68,7 @@ def export_onnx(weights: Weights, path: str | Path, fold_bn: bool = False, opset
         diff = check_onnx(weights, tmp) if check else None
         if diff is not None and diff > ONNX_TOLERANCE:
             raise ExportError(f"{path}: not written: onnxruntime's logits differ from apply's by {diff:.2e}")
+        write_description(tmp, description(weights))
 
     atomic_write(path, write, suffix=".onnx")
     return diff
@@ -73,9 +76,8 @@ def export_onnx(weights: Weights, path: str | Path, fold_bn: bool = False, opset
 
 def check_onnx(weights: Weights, path: str | Path, batch_sizes: tuple[int, ...] = (1, 3), seed: int = 0) -> float:
     """The largest absolute difference between onnxruntime's logits and ``apply``'s on random inputs."""
-    ort = require("onnxruntime", "checking the exported model", "export")
     cfg = weights.config
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = session_for(path)
     name = session.get_inputs()[0].name
     generator = torch.Generator().manual_seed(seed)
     worst = 0.0
