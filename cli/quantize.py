@@ -38,6 +38,7 @@ def quantize(
     file's own preprocessing. The file is written only if, on held-out images, the int8 model's top class agrees
     with the float model's often enough and its top-1 accuracy drops little enough.
     """
+    from mobilenet_fn.export import ExportError
     from mobilenet_fn.quantize import QuantizeError, as_dict, quantization_sources, quantize_onnx, summary
     from mobilenet_fn.weights import load_weights
 
@@ -50,7 +51,7 @@ def quantize(
         with err.status(escape(f"Quantizing {weights} on {min(images, len(calibration))} images of {calibrate}")):
             result = quantize_onnx(w, output, calibration, held_out, method=method, calibration_images=images,
                                    check_images=check_images, min_agreement=min_agreement, max_drop=max_drop)
-    except QuantizeError as e:
+    except (QuantizeError, ExportError) as e:  # a model that fails its check: a failure of the run, exit 1
         fail(str(e), code=1)
     if json:
         print_json({"output": str(output), "method": method, "bytes": output.stat().st_size, **as_dict(result)})
