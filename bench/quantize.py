@@ -36,6 +36,7 @@ import torch
 
 from mobilenet_fn import data as data_lib
 from mobilenet_fn.export import InferenceModule, export_onnx
+from mobilenet_fn.extras import require
 from mobilenet_fn.model import Config, apply, fold_batchnorm, init
 from mobilenet_fn.onnx_model import load_onnx
 from mobilenet_fn.preprocess import preprocess_for
@@ -98,18 +99,22 @@ def float_torch(w: Weights) -> Callable:
 
 def pt2e_int8(w: Weights, calibration: list[torch.Tensor], compile: bool = True) -> Callable:
     """The PT2E flow with torchao's X86InductorQuantizer, calibrated on ``calibration`` batches."""
-    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    xiq = require("torchao.quantization.pt2e.quantizer.x86_inductor_quantizer", "the PT2E contender", "test",
+                  "torchao")
+    pt2e = require("torchao.quantization.pt2e.quantize_pt2e", "the PT2E contender", "test", "torchao")
 
     module = InferenceModule(w, fold_bn=True).eval()
     example = (calibration[0],)
-    exported = torch.export.export(module, example, dynamic_shapes={"x": {0: torch.export.Dim("batch")}}).module()
+    # strict: traced by dynamo, which records each call's source function; the quantizer finds the convolutions by
+    # it. The default (non-strict) export leaves it out for F.conv2d, and then nothing is quantized at all.
+    exported = torch.export.export(module, example, dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+                                   strict=True).module()
     quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
-    prepared = prepare_pt2e(exported, quantizer)
+    prepared = pt2e.prepare_pt2e(exported, quantizer)
     with torch.no_grad():
         for x in calibration:
             prepared(x)
-    converted = convert_pt2e(prepared)
+    converted = pt2e.convert_pt2e(prepared)
     if not compile:
         return lambda x: converted(x)
     torch._inductor.config.freezing = True  # int8 weights prepacked for oneDNN: without it, a slow reference path
