@@ -86,3 +86,15 @@ def print_json(obj) -> None:
 
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
+
+
+def load_model(path, device: str = "auto"):
+    """A weights file (``Weights``), or an ONNX file of ours (``OnnxModel``, run by onnxruntime on the CPU)."""
+    from mobilenet_fn.onnx_model import is_onnx, load_onnx
+    from mobilenet_fn.weights import load_weights
+
+    if not is_onnx(path):
+        return load_weights(path)
+    if device not in ("auto", "cpu"):
+        raise UserError(f"--device {device}: ONNX files run on the CPU with onnxruntime; use --device cpu or auto")
+    return load_onnx(path)

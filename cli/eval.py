@@ -6,14 +6,15 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from .common import DEVICE, JSON, UserError, err, pick_device, print_json, user_errors
+from .common import DEVICE, JSON, UserError, err, load_model, pick_device, print_json, user_errors
 
 SHOWN_SKIPS = 10  # unreadable files listed one a line; --json lists them all
 
 
 @user_errors
 def evaluate(
-    weights: Annotated[Path, typer.Argument(help="A weights .pkl (from train or convert).")],
+    weights: Annotated[Path, typer.Argument(help="A weights .pkl (from train or convert), or an .onnx file from "
+                                                 "export or quantize (run with onnxruntime).")],
     data: Annotated[Optional[str], typer.Option(help="sample, fashion-mnist (its test set), imagenette, or a "
                                                      "folder. Default: the validation split recorded in the file.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch.")] = 256,
@@ -24,18 +25,18 @@ def evaluate(
     json: JSON = False,
     plot: Annotated[Optional[Path], typer.Option(help="Write the confusion matrix to this PNG.")] = None,
 ):
-    """Top-1, top-5, loss and per-class accuracy of a weights file, BatchNorm in eval mode."""
+    """Top-1, top-5, loss and per-class accuracy of a weights file (BatchNorm in eval mode) or of an ONNX file."""
     from rich.console import Console
     from rich.table import Table
 
     from mobilenet_fn import data as data_lib
-    from mobilenet_fn.evaluate import evaluate as run_eval
+    from mobilenet_fn.evaluate import evaluate as run_eval, evaluate_forward
+    from mobilenet_fn.onnx_model import OnnxModel
     from mobilenet_fn.step import inference_policy, to_device
-    from mobilenet_fn.weights import load_weights
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    w = load_weights(weights)
+    w = load_model(weights, device)
     dev = pick_device(device)
     if data is None:
         if not w.data:
@@ -50,8 +51,12 @@ def evaluate(
         where = data
     source, unreadable = _through_cache(source, w.preprocess, cache, dev)
     with err.status(f"Evaluating {len(source)} images…"):
-        result = run_eval(w.config, to_device(w.params, dev), to_device(w.state, dev), source, w.preprocess,
-                          batch_size=batch_size, policy=inference_policy(dev), workers=workers)
+        if isinstance(w, OnnxModel):
+            result = evaluate_forward(w, w.config.num_classes, source, w.preprocess, batch_size=batch_size,
+                                      workers=workers)
+        else:
+            result = run_eval(w.config, to_device(w.params, dev), to_device(w.state, dev), source, w.preprocess,
+                              batch_size=batch_size, policy=inference_policy(dev), workers=workers)
     if plot is not None:
         from mobilenet_fn.plots import plot_confusion
 

@@ -10,12 +10,13 @@ from .resize import resize
 from .convert import convert
 from .export import export
 from .predict import predict
+from .quantize import quantize
 from .eval import evaluate
 from .summary import summary
 from .train import train
 
 app = typer.Typer(
-    help="MobileNet v1 as a pure function: train, evaluate, predict, convert, export, resize, summarise.",
+    help="MobileNet v1 as a pure function: train, evaluate, predict, convert, export, quantize, resize, summarise.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -46,6 +47,7 @@ app.command()(summary)
 app.command()(predict)
 app.command()(convert)
 app.command()(export)
+app.command()(quantize)
 
 
 def run() -> None:

@@ -368,9 +368,16 @@ def eval_source(data: str, classes: list[str]) -> Source:
         if not samples:
             raise DataError(f"{root}: no images found")
         source = FileSource(samples, str(folder))
+    return relabel(source, names, classes, data)
+
+
+def relabel(source: Source, names: list[str], classes: list[str], data: str) -> Source:
+    """``source``, labelled by ``names``, relabelled in the order of ``classes`` (the weights'); a DataError when
+    the two differ."""
     if sorted(names) != sorted(classes):
         missing = sorted(set(names) ^ set(classes))[:5]
-        raise DataError(f"{data}: its classes do not match the weights' (differing: {', '.join(missing)})")
+        raise DataError(f"{data}: its {len(names)} classes do not match the weights' {len(classes)} (differing: "
+                        f"{', '.join(missing)})")
     remap = torch.tensor([classes.index(n) for n in names])
     if isinstance(source, TensorSource):
         return TensorSource(source.images, remap[source.labels], source.rows)

@@ -216,8 +216,18 @@ def _problem(obj: dict) -> str | None:
     if problem:
         return problem
     cfg = Config.from_dict(obj["config"])
-    problem = (trees_problem(cfg, obj.get("params"), obj.get("state")) or _classes_problem(obj.get("classes"), cfg)
-               or _preprocess_problem(obj.get("preprocess"), cfg))
+    return trees_problem(cfg, obj.get("params"), obj.get("state")) or _description_problem(obj, cfg)
+
+
+def description_problem(obj: dict) -> str | None:
+    """What is wrong with what describes a model besides its parameters (config, classes, preprocessing, data,
+    metrics; the ONNX files that ``export`` and ``quantize`` write carry these), or None."""
+    problem = _config_problem(obj.get("config"))
+    return problem or _description_problem(obj, Config.from_dict(obj["config"]))
+
+
+def _description_problem(obj: dict, cfg: Config) -> str | None:
+    problem = _classes_problem(obj.get("classes"), cfg) or _preprocess_problem(obj.get("preprocess"), cfg)
     if problem:
         return problem
     for name in ("data", "metrics"):
