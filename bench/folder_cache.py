@@ -1,7 +1,7 @@
 """Image folders with and without the decoded cache, side by side, in one process.
 
-    python bench/folder_cache.py /work/exp/photos            # about 20 min on 2 cores
-    python bench/folder_cache.py /work/exp/photos --quick    # fewer rounds, no accuracy runs
+    python bench/folder_cache.py /tmp/photos            # about 20 min on 2 cores
+    python bench/folder_cache.py /tmp/photos --quick    # fewer rounds, no accuracy runs
 
 Prints, for a folder of class folders (e.g. the one bench/make_photo_folder.py makes):
 1. building the cache: img/s, bytes per image in memory and on disk (and the JPEGs'), the time a second run

@@ -2,7 +2,7 @@
 224 px (bicubic), tinted with a random colour per image, given a little sensor-like noise and saved at JPEG
 quality 90, one sub-folder per class. Decoding such a file costs about what a 224 px photo costs.
 
-    python bench/make_photo_folder.py /work/exp/photos --per-class 400
+    python bench/make_photo_folder.py /tmp/photos --per-class 400
 """
 
 from __future__ import annotations
