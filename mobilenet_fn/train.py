@@ -21,7 +21,9 @@ from .cache import MODES as CACHE_MODES
 from .evaluate import evaluate
 from .model import Config
 from .optim import OPTIMIZERS, SCHEDULES, make_optimizer, make_schedule
-from .step import AMP_CHOICES, COMPILE_CHOICES, SWITCH_CHOICES, build_step, device_policy, initial_state, to_device
+from .step import (
+    AMP_CHOICES, COMPILE_CHOICES, SWITCH_CHOICES, build_step, device_policy, inference_policy, initial_state, to_device,
+)
 from .weights import Weights
 
 
@@ -157,6 +159,9 @@ class Trainer:
             self.device, compile=self.opts.compile, channels_last=self.opts.channels_last, amp=self.opts.amp,
             resolution=self.cfg.resolution, batch=self.opts.batch_size, images=total * self.opts.batch_size,
             distributed=self.dist.active, eager_only=self.bn_reduce is not None)
+        # Validation runs as eval does on the CPU (float32: bf16 inference measured 0.87x float32's at 32 px), and
+        # in the training step's bf16 on CUDA.
+        self.eval_policy = self.policy if self.device.type == "cuda" else inference_policy(self.device)
         self.schedule = make_schedule(self.opts.schedule, self.opts.lr, total,
                                       warmup_steps=round(self.opts.warmup_epochs * self.batches))
         self.skipped: set[str] = set(self.dataset.skipped)
@@ -307,7 +312,7 @@ class Trainer:
         """Metrics on ``source``, each process evaluating its shard and the counts summed."""
         return evaluate(self.cfg, self.params if params is None else params,
                         self.state if state is None else state, source, self.dataset.preprocess,
-                        batch_size=max(self.opts.batch_size, 128), policy=self.policy, workers=self.opts.workers,
+                        batch_size=max(self.opts.batch_size, 128), policy=self.eval_policy, workers=self.opts.workers,
                         shard=(self.rank, self.world), reduce=distributed.reduce_sum if self.dist.active else None)
 
     def test_best(self) -> dict:

@@ -60,7 +60,7 @@ def colours(tmp_path_factory):
     train = next(batches(ds.train, pre, batch_size=len(ds.train), train=False))
     optimizer = sgd(momentum=0.9, nesterov=True)
     params, state, opt_state = initial_state(cfg, optimizer, "cpu", seed=0)
-    step = build_step(cfg, optimizer, device_policy(torch.device("cpu"), compile="off"))
+    step = build_step(cfg, optimizer, device_policy(torch.device("cpu"), compile="off", amp="off"))
     for _ in range(10):
         params, state, opt_state, _ = step(params, state, opt_state, (train.x, train.y), torch.tensor(0.1))
     _, state = apply(cfg.replace(bn_momentum=1.0), params, state, train.x, train=True)
