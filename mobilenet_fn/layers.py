@@ -73,11 +73,13 @@ def conv_apply(params: Tree, x: torch.Tensor, *, stride: int = 1, padding: str =
     return F.conv2d(x, weight, params.get("bias"), stride=stride, padding=pad)
 
 
-# bf16 on the CPU (autocast; oneDNN with AVX-512 BF16 and AMX, torch 2.14): oneDNN's bf16 depthwise convolution
-# ran its backward 3-7x as long as float32's, and a bf16 step at 32 px ran at 0.4x the float32 step. Depthwise
-# layers (3 % of the multiply-adds, bound by memory) run in float32 there; the rest runs in bf16.
-def _cpu_bf16_autocast(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+# Training in bf16 on the CPU (autocast; oneDNN with AVX-512 BF16 and AMX, torch 2.14): oneDNN's bf16 depthwise
+# convolution ran its backward 3-7x as long as float32's, and a bf16 step at 32 px ran at 0.4x the float32 step.
+# Depthwise layers (3 % of the multiply-adds, bound by memory) run in float32 there when a backward will follow;
+# the rest runs in bf16. The forward alone is fast in bf16 and stays so.
+def _cpu_bf16_training(x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+            and torch.is_grad_enabled())
 
 
 def depthwise_init(channels: int, kernel: int = 3, generator: torch.Generator | None = None) -> Tree:
@@ -97,7 +99,7 @@ def depthwise_apply(params: Tree, x: torch.Tensor, *, stride: int = 1, padding: 
     else:
         weight = rearrange(w, "c kh kw -> c 1 kh kw")
     x, pad = _pad(x, kernel, stride, padding)
-    if _cpu_bf16_autocast(x):  # see _cpu_bf16_autocast
+    if _cpu_bf16_training(x):  # see _cpu_bf16_training
         with torch.autocast("cpu", enabled=False):
             return F.conv2d(x.float(), weight, bias, stride=stride, padding=pad, groups=weight.shape[0])
     return F.conv2d(x, weight, bias, stride=stride, padding=pad, groups=weight.shape[0])
