@@ -50,14 +50,8 @@ def test_amp_auto_is_bf16_on_a_cpu_with_native_bf16_and_float32_on_one_without(m
     assert precision("auto", torch.device("mps")) == ("float32", "no bf16 autocast on mps")
 
 
-def float32_where_bf16_is_slow(conv):
-    """A depthwise convolution that runs in float32 where ours does under bf16 training: stride 2, or maps of at
-    most 4 pixels."""
-    forward = conv.forward
-
+def float32_forward(forward):
     def run(x):
-        if conv.stride[0] == 1 and x.shape[-2] * x.shape[-1] > 4:
-            return forward(x)
         with torch.autocast("cpu", enabled=False):
             return forward(x.float())
 
@@ -79,9 +73,9 @@ def test_the_bf16_step_matches_timm_under_the_same_precision_and_keeps_batchnorm
     for tree in (new_params, new_state, opt_state, metrics["loss"]):
         assert {t.dtype for t in tree_leaves(tree) if t.is_floating_point()} == {torch.float32}
 
-    for conv in model.modules():  # the reference: timm the ordinary way, the same autocast and precisions
+    for conv in model.modules():  # the reference: timm the ordinary way, same autocast and float32 depthwise
         if isinstance(conv, torch.nn.Conv2d) and conv.groups > 1:
-            conv.forward = float32_where_bf16_is_slow(conv)
+            conv.forward = float32_forward(conv.forward)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(x)
     loss = F.cross_entropy(logits.float(), y)
