@@ -192,21 +192,26 @@ def train_contenders(cfg: Config, args, dev: torch.device, case: Case) -> list[t
     """(name, builder) pairs; a builder returns a Contender (building is what the peak memory covers)."""
     x, y = random_batch(case, dev)
     cfg = cfg.replace(resolution=case.resolution)  # what `train` sets from the data; --compile auto reads it
-    amp = device_policy(dev, amp=args.amp).amp
+    bf16 = args.amp == "bf16" or device_policy(dev, amp=args.amp).amp is not None  # on this device, for a long run
+    amp = torch.bfloat16 if bf16 else None
     out = []
     variants = [("off", "eager"), ("on", "compiled")]
     if dev.type == "cuda" and args.cuda_graphs:
         variants.append(("cudagraphs", "compiled + CUDA graphs"))
-    precisions = [(args.amp, " bf16" if amp else "")]
-    if amp and dev.type == "cpu":  # bf16 on the CPU: against our own float32 step too
+    precisions = [("bf16", " bf16")] if bf16 else [("off", "")]
+    if bf16 and dev.type == "cpu":  # bf16 on the CPU: against our own float32 step too
         precisions.append(("off", " f32"))
+
+    def compile_flag(policy) -> str:
+        return ("cudagraphs" if policy.cuda_graphs else "on") if policy.compiled else "off"
+
+    default = device_policy(dev, resolution=cfg.resolution, batch=case.batch, amp=args.amp)  # what train runs
     for amp_flag, suffix in precisions:
-        policy = device_policy(dev, resolution=cfg.resolution, batch=case.batch, amp=amp_flag)
-        auto = ("cudagraphs" if policy.cuda_graphs else "on") if policy.compiled else "off"
+        same = device_policy(dev, resolution=cfg.resolution, batch=case.batch, amp=amp_flag)
         for flag, label in variants:
-            name = f"mobilenet-fn {label}{suffix}" + (" (train default)" if flag == auto and amp_flag == args.amp
-                                                      else "")
-            tag = "ours-f32" if flag == auto and suffix == " f32" else ""
+            is_default = flag == compile_flag(default) and (amp_flag == "bf16") == (default.amp is not None)
+            name = f"mobilenet-fn {label}{suffix}" + (" (train default)" if is_default else "")
+            tag = "ours-f32" if suffix == " f32" and flag == compile_flag(same) else ""
 
             def build(flag=flag, amp_flag=amp_flag, name=name, tag=tag):
                 run, _ = ours_train(cfg, dev, x, y, flag, amp_flag)

@@ -44,8 +44,15 @@ def test_amp_auto_is_bf16_on_a_cpu_with_native_bf16_and_float32_on_one_without(m
         off = device_policy(CPU, amp="off")
         assert policy.amp is None and replace(policy, precision="") == replace(off, precision="")
         assert policy.describe().endswith("float32 (the CPU has no native bf16)")
+    # An eager step as small as `make train`'s gained nothing from bf16: float32; a compiled or larger one: bf16.
+    make_train = device_policy(CPU, compile="off", resolution=32, batch=64)
+    assert make_train.amp is None
+    compiled_small = device_policy(CPU, compile="on", resolution=32, batch=64)
+    eager_large = device_policy(CPU, compile="off", resolution=128, batch=64)
+    assert compiled_small.amp == eager_large.amp == (torch.bfloat16 if native else None)
     # The explicit flags and CUDA do not depend on the CPU.
     assert device_policy(CPU, amp="off").amp is None and device_policy(CPU, amp="bf16").amp == torch.bfloat16
+    assert device_policy(CPU, compile="off", resolution=32, batch=64, amp="bf16").amp == torch.bfloat16
     assert device_policy(CUDA, amp="auto").amp == torch.bfloat16
     assert precision("auto", torch.device("mps")) == ("float32", "no bf16 autocast on mps")
 
