@@ -36,8 +36,8 @@ def train(
                                                  "256 images of 128 px; CPU for runs long enough to repay "
                                                  "compiling), on, cudagraphs (one process), off.")] = "auto",
     channels_last: Annotated[str, Opt(help="Memory format: auto (on), on, off.")] = "auto",
-    amp: Annotated[str, Opt(help="Mixed precision: auto (bf16 on CUDA and on CPUs that compute bf16 natively: "
-                                          "AVX-512 BF16 or AMX), bf16, off.")] = "auto",
+    amp: Annotated[str, Opt(help="Mixed precision: auto (bf16 on CUDA and on CPUs that compute bf16 natively, "
+                                          "AVX-512 BF16 or AMX, but for small eager steps), bf16, off.")] = "auto",
     seed: Annotated[int, Opt(help="Seed of the initialisation, data order and augmentation.")] = 0,
     workers: Annotated[int, Opt(help="DataLoader workers for image folders with --cache off.")] = 2,
     cache: Annotated[str, Opt(help="Image folders: decode each image once into a uint8 cache in "
