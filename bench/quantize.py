@@ -90,9 +90,11 @@ def float_torch(w: Weights) -> Callable:
     policy = inference_policy(torch.device("cpu"))
     folded = fold_batchnorm(w.config, w.params, w.state)
 
+    layout = torch.channels_last if policy.channels_last else torch.contiguous_format
+
     def run(x):
         with torch.no_grad():
-            return apply(w.config, folded, None, x.contiguous(memory_format=torch.channels_last), train=False)[0]
+            return apply(w.config, folded, None, x.contiguous(memory_format=layout), train=False)[0]
 
     return run
 

@@ -1,6 +1,6 @@
 """Training and inference images/s of mobilenet-fn against timm's MobileNet v1, in one process, alternating.
 
-    .venv/bin/python bench/throughput.py [--device auto|cpu|cuda] [--alpha 1.0] [--train-224]
+    .venv/bin/python bench/throughput.py [--device auto|cpu|cuda] [--amp auto|off|bf16] [--alpha 1.0] [--train-224]
                                          [--case KIND:RES:BATCH ...] [--no-timm-compiled] [--no-cuda-graphs]
                                          [--warm-cache] [--rounds N] [--quick] [--json PATH]
 
