@@ -10,8 +10,40 @@ from .common import DEVICE, RHO, UserError, err, fail, pick_device, user_errors
 Opt = typer.Option
 
 
+def _read_config(ctx: typer.Context, param, path: Optional[Path]) -> Optional[Path]:
+    """--config recipe.toml: its keys (train's option names, with - or _) become the defaults of this call, so that
+    flags given on the command line override them. Read before the other options (the option is eager)."""
+    if path is None or ctx.resilient_parsing:
+        return path
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            values = tomllib.load(f)
+    except FileNotFoundError:
+        fail(f"--config {path}: no such file")
+    except IsADirectoryError:
+        fail(f"--config {path}: is a folder; give a .toml file")
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        fail(f"--config {path}: not valid TOML ({e})")
+    names = {p.name for p in ctx.command.params} - {"config", "resume"}
+    options = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(k for k in options if k not in names)
+    if unknown:
+        fail(f"--config {path}: unknown option(s) {', '.join(k.replace('_', '-') for k in unknown)}; the keys are "
+             f"train's option names (see mobilenet-fn train --help)")
+    nested = [k for k, v in options.items() if isinstance(v, (dict, list))]
+    if nested:
+        fail(f"--config {path}: {nested[0].replace('_', '-')} must be a single value, not a table or list")
+    ctx.default_map = {**(ctx.default_map or {}), **options}
+    return path
+
+
 @user_errors
 def train(
+    config: Annotated[Optional[Path], Opt("--config", is_eager=True, callback=_read_config,
+                                          help="A recipe: a TOML file of these options (e.g. epochs = 30, "
+                                               "auto-augment = \"trivial\"); flags given here override it.")] = None,
     data: Annotated[str, Opt(help="sample, fashion-mnist, imagenette, or a folder (train/ + val/, or one folder "
                                   "per class).")] = "sample",
     alpha: Annotated[Optional[float], Opt("--alpha", "-a", help="Width multiplier α (default 0.5; with --init: "
@@ -32,6 +64,16 @@ def train(
     weight_decay: Annotated[float, Opt(help="On conv, pointwise and classifier weights only (paper §4).")] = 4e-5,
     label_smoothing: Annotated[float, Opt(help="Label smoothing of the cross-entropy.")] = 0.1,
     augment: Annotated[str, Opt(help="crop-flip (random resized crop + flip) or none.")] = "crop-flip",
+    auto_augment: Annotated[str, Opt(help="Automatic augmentation per image: trivial (TrivialAugment-Wide) or "
+                                          "none.")] = "none",
+    reprob: Annotated[float, Opt(help="Random erasing: the probability that an image gets a box of noise.")] = 0.0,
+    mixup: Annotated[float, Opt(help="Mixup's Beta alpha, e.g. 0.2 (0: off).")] = 0.0,
+    cutmix: Annotated[float, Opt(help="Cutmix's Beta alpha, e.g. 1.0 (0: off); with --mixup, each image gets "
+                                      "one or the other.")] = 0.0,
+    ema: Annotated[float, Opt(help="Decay of a weight EMA, e.g. 0.9998 (0: off); validation, best.ckpt and "
+                                   "weights.pkl then use the average.")] = 0.0,
+    ema_warmup: Annotated[bool, Opt(help="Ramp the EMA decay up early in training, as timm's ModelEmaV3.")] = True,
+    clip_grad: Annotated[float, Opt(help="Clip the gradients to this global L2 norm (0: off).")] = 0.0,
     compile: Annotated[str, Opt(help="torch.compile the step: auto (CUDA, as CUDA graphs for steps of up to "
                                                  "256 images of 128 px; CPU for runs long enough to repay "
                                                  "compiling), on, cudagraphs (one process), off.")] = "auto",
@@ -61,6 +103,8 @@ def train(
 
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
+    if config is not None and resume is not None:
+        raise UserError("--resume continues a run with its own options; drop --config")
     if nproc > 1 and not distributed.launched():
         _launch(nproc)
         return
@@ -76,14 +120,17 @@ def train(
             opts = TrainOptions(
                 data=data, epochs=15 if epochs is None else epochs, batch_size=_batch_size(batch_size, dev), lr=lr,
                 optimizer=optimizer, schedule=schedule, warmup_epochs=warmup_epochs, weight_decay=weight_decay,
-                label_smoothing=label_smoothing, augment=augment, compile=compile, channels_last=channels_last,
+                label_smoothing=label_smoothing, augment=augment, auto_augment=auto_augment, reprob=reprob,
+                mixup=mixup, cutmix=cutmix, ema=ema, ema_warmup=ema_warmup, clip_grad=clip_grad,
+                compile=compile, channels_last=channels_last,
                 amp=amp, seed=seed, workers=workers, cache=cache, val_split=val_split, device=str(dev),
                 freeze_backbone=freeze_backbone, init_weights=str(init) if init else None, sync_bn=sync_bn,
             )
             if rho is not None:
                 resolution = resolution_for_rho(rho)
             trainer, run = _new_run(opts, auto_batch=batch_size == "auto", alpha=alpha, resolution=resolution,
-                                    activation=activation, dropout=dropout, init=init, out=out, dev=dev, ctx=ctx)
+                                    activation=activation, dropout=dropout, init=init, out=out, dev=dev, ctx=ctx,
+                                    recipe=config)
         _run(trainer, run)
     finally:
         distributed.teardown()
@@ -100,7 +147,7 @@ def _batch_size(text: str, dev) -> int:
         raise UserError(f"--batch-size must be a whole number or auto, got {text!r}") from None
 
 
-def _new_run(opts, *, auto_batch, alpha, resolution, activation, dropout, init, out, dev, ctx):
+def _new_run(opts, *, auto_batch, alpha, resolution, activation, dropout, init, out, dev, ctx, recipe=None):
     """The Trainer of a new run and its RunDir (made by rank 0; None on the other ranks)."""
     import dataclasses
 
@@ -132,7 +179,8 @@ def _new_run(opts, *, auto_batch, alpha, resolution, activation, dropout, init, 
         try:
             run = RunDir.create(out or default_run_dir(opts.data, cfg), split={"data": opts.data, **dataset.split},
                                 config={"model": cfg.to_dict(), "train": dataclasses.asdict(opts),
-                                        "classes": dataset.classes, "preprocess": dataset.preprocess})
+                                        "classes": dataset.classes, "preprocess": dataset.preprocess,
+                                        "recipe": str(recipe) if recipe else None})
         except FileExistsError as e:
             problem = str(e)
     problem = distributed.broadcast_object(problem, ctx)
@@ -242,11 +290,11 @@ def _resume(run_dir: Path, epochs: int | None, dev, ctx):
     from mobilenet_fn import data as data_lib
     from mobilenet_fn.model import Config
     from mobilenet_fn.rundir import RunDir
-    from mobilenet_fn.train import TrainOptions, Trainer
+    from mobilenet_fn.train import OLDER_RUNS, TrainOptions, Trainer
 
     run = RunDir.open(run_dir)
     ckpt = run.load_last()
-    options = {"cache": "off", **ckpt["run"], "device": str(dev)}  # runs from before the cache read files
+    options = {**OLDER_RUNS, **ckpt["run"], "device": str(dev)}
     if options["compile"] == "cudagraphs" and dev.type != "cuda":
         options["compile"] = "auto"  # a CUDA run resumed on another device
     opts = TrainOptions(**options)

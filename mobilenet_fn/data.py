@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
+from .augment import CROP_RATIO, CROP_SCALE, Augment, augment_batch
 from .files import find_files
 from .preprocess import (
     IMAGE_ERRORS, eval_image, interpolation_mode, model_input, preprocess_for, read_rgb, resize_center_crop,
@@ -34,8 +34,6 @@ FASHION_MNIST_STATS = {"mean": [0.2860] * 3, "std": [0.3530] * 3}
 IMAGENET_STATS = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 DEFAULT_RESOLUTION = {"sample": 32, "fashion-mnist": 32, "imagenette": 160}
 FOLDER_RESOLUTION = 224
-CROP_SCALE = (0.25, 1.0)  # random resized crop; the paper used less augmentation than Inception's (0.08, 1)
-CROP_RATIO = (3 / 4, 4 / 3)
 
 
 class DataError(ValueError):
@@ -388,28 +386,6 @@ def relabel(source: Source, names: list[str], classes: list[str], data: str) -> 
 # Transforms and batches
 
 
-def random_resized_crop(x: torch.Tensor, size: int, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
-    """Per-image random resized crop (and horizontal flip) of a (N, C, H, W) float batch, as one grid_sample."""
-    n = x.shape[0]
-    dev = x.device
-    area = torch.empty(n, device=dev).uniform_(*CROP_SCALE, generator=generator)
-    log_ratio = torch.empty(n, device=dev).uniform_(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]),
-                                                    generator=generator)
-    ratio = log_ratio.exp()
-    w = (area * ratio).sqrt().clamp(max=1.0)  # crop size as a fraction of the side
-    h = (area / ratio).sqrt().clamp(max=1.0)
-    cx = (torch.rand(n, device=dev, generator=generator) * 2 - 1) * (1 - w)
-    cy = (torch.rand(n, device=dev, generator=generator) * 2 - 1) * (1 - h)
-    sign = torch.ones(n, device=dev)
-    if flip:
-        sign = torch.where(torch.rand(n, device=dev, generator=generator) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3, device=dev)
-    theta[:, 0, 0], theta[:, 0, 2] = w * sign, cx
-    theta[:, 1, 1], theta[:, 1, 2] = h, cy
-    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-
 def train_short_side(resolution: int) -> int:
     """The least short side an image needs for the random resized crop never to enlarge it: a crop holds at least
     CROP_SCALE[0] of the area at an aspect ratio of at most 4/3, so its shorter side is at least
@@ -417,12 +393,19 @@ def train_short_side(resolution: int) -> int:
     return math.ceil(resolution / math.sqrt(CROP_SCALE[0] * CROP_RATIO[0]))
 
 
-def _train_transform(preprocess: dict):
+def _train_transform(preprocess: dict, spec: Augment):
+    """The per-image part of ``spec`` for a loader worker, with torchvision's transforms: random resized crop and
+    flip, then TrivialAugment-Wide; None when there is none."""
     from torchvision.transforms import v2
 
-    return v2.Compose([v2.RandomResizedCrop(preprocess["resolution"], scale=CROP_SCALE, ratio=CROP_RATIO,
-                                            interpolation=interpolation_mode(preprocess), antialias=True),
-                       v2.RandomHorizontalFlip()])
+    steps = []
+    if spec.crop_flip:
+        steps += [v2.RandomResizedCrop(preprocess["resolution"], scale=CROP_SCALE, ratio=CROP_RATIO,
+                                       interpolation=interpolation_mode(preprocess), antialias=True),
+                  v2.RandomHorizontalFlip()]
+    if spec.auto_augment == "trivial":
+        steps.append(v2.TrivialAugmentWide(interpolation=v2.InterpolationMode.BILINEAR))
+    return v2.Compose(steps) if steps else None
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
@@ -434,12 +417,12 @@ def item_seed(seed: int, epoch: int, index: int) -> int:
 class _Files(torch.utils.data.Dataset):
     """Image files as uint8 (3, R, R) tensors, each item a (source index, path, label); an unreadable file gives
     (None, Skipped), which the collate drops. A large JPEG is decoded from its draft, at the least size the crop
-    needs. ``augment`` = (seed, epoch) draws a random resized crop and flip from the
-    item's own seed; None gives the eval preprocessing."""
+    needs. ``augment`` = (seed, epoch, spec) does the per-image part of the ``Augment`` spec (crop, flip,
+    auto-augment), drawn from the item's own seed; None gives the eval preprocessing."""
 
-    def __init__(self, items, preprocess: dict, augment: tuple[int, int] | None):
+    def __init__(self, items, preprocess: dict, augment: tuple[int, int, Augment] | None):
         self.items, self.preprocess, self.augment = items, preprocess, augment
-        self.transform = _train_transform(preprocess) if augment else None
+        self.transform = _train_transform(preprocess, augment[2]) if augment else None
 
     def __len__(self):
         return len(self.items)
@@ -447,14 +430,17 @@ class _Files(torch.utils.data.Dataset):
     def __getitem__(self, i):
         index, path, label = self.items[i]
         try:
-            if self.augment is None:
-                return eval_image(path, self.preprocess), label
-            image = read_rgb(path, train_short_side(self.preprocess["resolution"]))
+            if self.augment is None or not self.augment[2].crop_flip:
+                image = eval_image(path, self.preprocess)
+            else:
+                image = read_rgb(path, train_short_side(self.preprocess["resolution"]))
         except IMAGE_ERRORS as e:
             return None, Skipped(path, skip_reason(e))
+        if self.transform is None:
+            return image, label
         # torchvision draws from the global CPU RNG: seed it for this item, and give the caller's state back.
         with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(item_seed(*self.augment, index))
+            torch.default_generator.manual_seed(item_seed(*self.augment[:2], index))
             return self.transform(image), label
 
 
@@ -521,14 +507,17 @@ def _pinned_gathers(source: TensorSource, items: list[torch.Tensor], device: tor
 
 
 def batches(
-    source: Source, preprocess: dict, *, batch_size: int, train: bool, augment: bool = True, device="cpu",
-    seed: int = 0, epoch: int = 0, start: int = 0, drop_last: bool | None = None, workers: int = 0,
-    shard: tuple[int, int] = (0, 1), channels_last: bool = False,
+    source: Source, preprocess: dict, *, batch_size: int, train: bool, augment: Augment | None = Augment(),
+    num_classes: int | None = None, device="cpu", seed: int = 0, epoch: int = 0, start: int = 0,
+    drop_last: bool | None = None, workers: int = 0, shard: tuple[int, int] = (0, 1), channels_last: bool = False,
 ) -> Iterator[Batch]:
     """Yields the batches of one epoch from batch index ``start`` on.
 
     Training shuffles with (seed, epoch) and drops the last partial batch (so a compiled step sees one shape);
-    evaluation keeps every item in order. ``shard=(rank, world)`` takes every world-th item for rank.
+    evaluation keeps every item in order. ``shard=(rank, world)`` takes every world-th item for rank. Training
+    batches are augmented as ``augment`` says (None: not at all): in-memory sources wholly on the device, file
+    sources per image in the workers (crop, flip, auto-augment) and then on the device (erasing, mixing). With
+    mixup or cutmix, ``y`` holds probabilities over ``num_classes``.
     """
     device = torch.device(device)
     drop_last = train if drop_last is None else drop_last
@@ -539,14 +528,20 @@ def batches(
         idx = idx[:usable][rank::world]
     n_batches = len(idx) // batch_size if drop_last else math.ceil(len(idx) / batch_size)
 
+    augment = augment if train else None
+    in_memory = isinstance(source, TensorSource)
+
     def finish(x: torch.Tensor, y: torch.Tensor, i: int, skipped: list) -> Batch:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if isinstance(source, TensorSource):
-            if train and augment:
-                g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch * 10_007 + i)
-                x = random_resized_crop(x.to(torch.get_default_dtype()).div_(255), preprocess["resolution"], g)
-            else:
+        if augment is not None:
+            g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch * 10_007 + i)
+            if in_memory and not augment.crop_flip:
                 x = resize_center_crop(x, preprocess)
+            x, y = augment_batch(x, y, preprocess, augment, num_classes=num_classes, generator=g,
+                                 on_device=in_memory, channels_last=channels_last)
+            return Batch(x, y, skipped)
+        if in_memory:
+            x = resize_center_crop(x, preprocess)
         return Batch(model_input(x, preprocess, channels_last=channels_last), y, skipped)
 
     if isinstance(source, TensorSource):
@@ -562,7 +557,7 @@ def batches(
         return
 
     items = [(k, *source.samples[k]) for k in idx[start * batch_size: n_batches * batch_size].tolist()]
-    files = _Files(items, preprocess, (seed, epoch) if train and augment else None)
+    files = _Files(items, preprocess, None if augment is None else (seed, epoch, augment))
     # The loader's own generator: without one it draws its base seed from the global RNG, which a checkpoint
     # restores; the draw would then shift the dropout masks of a resumed run.
     loader = torch.utils.data.DataLoader(

@@ -165,3 +165,55 @@ def make_schedule(
         return base_lr
 
     return schedule
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weight EMA and gradient clipping: the other things a step does to the tree
+
+
+EMA_WARMUP_POWER = 2 / 3  # timm's ModelEmaV3 warmup: decay_t = 1 - (1 + t)^(-2/3), capped at the decay asked for
+
+
+def ema_decay(decay: float, count: torch.Tensor, warmup: bool = True) -> torch.Tensor:
+    """The decay of the ``count``-th update (a tensor, counted from 1): ``decay``, or with ``warmup`` timm's ramp
+    that lets the average follow the fast early changes (0.37 at the first update, 0.99 near the 1,000th)."""
+    if not warmup:
+        return torch.full_like(count, decay)
+    return torch.clamp(1 - (1 + count) ** -EMA_WARMUP_POWER, max=decay)
+
+
+def ema(decay: float, warmup: bool = True) -> Optimizer:
+    """An exponential moving average of the weights: ``init(params, state)`` and ``update(ema_state, params,
+    state) -> ema_state``. It averages the parameters and the BatchNorm running statistics (as timm's ModelEmaV3
+    does with buffers): ema <- decay * ema + (1 - decay) * new."""
+
+    def init(params, state):
+        device = tree_leaves(params)[0].device
+        return {"count": torch.zeros((), device=device), "params": _copy(params), "state": _copy(state)}
+
+    def update(ema_state, params, state):
+        count = ema_state["count"] + 1
+        keep = ema_decay(decay, count, warmup)
+        averaged = {}
+        for name, new in (("params", params), ("state", state)):
+            leaves, spec = tree_flatten(new)
+            old = _leaves(ema_state[name], spec)
+            # old + (1 - keep) (new - old), one foreach call per operation for the whole tree
+            step = torch._foreach_mul(torch._foreach_sub([t.contiguous() for t in leaves], old), 1 - keep)
+            averaged[name] = tree_unflatten(torch._foreach_add(old, step), spec)
+        return {"count": count, **averaged}
+
+    return Optimizer(init, update)
+
+
+def _copy(tree):
+    return tree_map(lambda t: t.detach().clone(memory_format=torch.contiguous_format), tree)
+
+
+def clip_grad_norm(grads, max_norm: float):
+    """``grads`` scaled so that their global L2 norm is at most ``max_norm`` (as ``torch.nn.utils.clip_grad_norm_``
+    computes it: factor min(1, max_norm / (norm + 1e-6))), and that norm before clipping."""
+    leaves, spec = tree_flatten(grads)
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(leaves)))
+    factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    return tree_unflatten(torch._foreach_mul(leaves, factor), spec), norm

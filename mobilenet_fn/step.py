@@ -4,6 +4,9 @@
     step = build_step(cfg, optimizer, policy, label_smoothing=0.1)
     params, state, opt_state, metrics = step(params, state, opt_state, (x, y), lr)
 
+``opt_state`` holds the optimizer's buffers and, when the step keeps a weight EMA, an "ema" entry (``optim.ema``):
+everything the step updates besides the params and state, so that checkpoints carry it as they are.
+
 The step is a pure function built from ``torch.func.grad_and_value`` and an optimizer update, compiled with
 ``torch.compile`` where that is faster on the device at hand. The policy says how a model runs on a device
 (compiled or eager, CUDA graphs, channels-last, autocast); its rules are fixed, taken from bench/throughput.py,
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .model import Config, apply, init
+from .optim import clip_grad_norm, ema
 
 COMPILE_BACKEND = "inductor"  # tests swap in a counting backend
 COMPILE_CHOICES = ("auto", "on", "cudagraphs", "off")
@@ -165,12 +169,26 @@ def trainable(params: dict, head_only: bool) -> dict:
 
 
 def initial_state(cfg: Config, optimizer, device, *, seed: int = 0, start: tuple[dict, dict] | None = None,
-                  head_only: bool = False) -> tuple[dict, dict, dict]:
+                  head_only: bool = False, ema_decay: float = 0.0) -> tuple[dict, dict, dict]:
     """(params, state, opt_state) on ``device`` to start training from: ``init`` drawn from ``seed``, or the
     (params, state) given as ``start``."""
     params, state = start if start is not None else init(cfg, torch.Generator().manual_seed(seed))
     params, state = to_device(params, device), to_device(state, device)
-    return params, state, optimizer.init(trainable(params, head_only))
+    return params, state, init_opt_state(optimizer, params, state, head_only=head_only, ema_decay=ema_decay)
+
+
+def init_opt_state(optimizer, params: dict, state: dict, *, head_only: bool = False, ema_decay: float = 0.0) -> dict:
+    """The step's ``opt_state`` for these trees: the optimizer's, with an "ema" entry when ``ema_decay`` is set."""
+    opt_state = optimizer.init(trainable(params, head_only))
+    if ema_decay:
+        opt_state["ema"] = ema(ema_decay).init(params, state)
+    return opt_state
+
+
+def averaged(opt_state: dict) -> tuple[dict, dict] | None:
+    """The EMA's (params, state) kept in ``opt_state``, or None when the step keeps none."""
+    kept = opt_state.get("ema")
+    return (kept["params"], kept["state"]) if kept is not None else None
 
 
 def autograd_grad_and_value(fn: Callable, has_aux: bool = True) -> Callable:
@@ -203,9 +221,17 @@ def make_step(
     head_only: bool = False,
     for_compile: bool = True,
     bn_reduce: Callable | None = None,
+    ema_decay: float = 0.0,
+    ema_warmup: bool = True,
+    clip_grad: float = 0.0,
 ):
     """The pure training step for ``cfg`` and ``optimizer``, uncompiled.
 
+    ``y`` of the batch is labels (N,) or class probabilities (N, classes) (mixup, cutmix); label smoothing applies to
+    either. ``clip_grad`` > 0 scales the gradient tree to that global L2 norm at most (after averaging across
+    processes) and reports the norm before clipping as ``grad_norm``. ``ema_decay`` > 0 updates the weight EMA in
+    ``opt_state["ema"]`` after the optimizer (``optim.ema``, with timm's warmup of the decay unless
+    ``ema_warmup`` is False).
     ``reduce_grads`` (distributed) averages the gradient tree across processes. ``head_only`` trains only the
     classifier on a frozen backbone, which then runs in eval mode (its running statistics are kept too).
     ``for_compile=False`` takes gradients with ``autograd_grad_and_value``, faster when the step runs eagerly.
@@ -223,15 +249,25 @@ def make_step(
         loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         return loss, (new_state, logits)
 
+    average = ema(ema_decay, ema_warmup) if ema_decay else None
+
     def step(params, state, opt_state, batch, lr):
         x, y = batch
         learned = trainable(params, head_only)
         grads, (loss, (new_state, logits)) = grad_and_value(loss_fn, has_aux=True)(learned, params, state, x, y)
         if reduce_grads is not None:
             grads = reduce_grads(grads)
-        learned, opt_state = optimizer.update(grads, opt_state, learned, lr)
-        correct = (logits.argmax(1) == y).sum()
-        return {**params, **learned}, new_state, opt_state, {"loss": loss.detach(), "correct": correct}
+        metrics = {"loss": loss.detach()}
+        if clip_grad:
+            grads, metrics["grad_norm"] = clip_grad_norm(grads, clip_grad)
+        kept = opt_state.get("ema")
+        learned, opt_state = optimizer.update(grads, {k: v for k, v in opt_state.items() if k != "ema"}, learned, lr)
+        params = {**params, **learned}
+        if average is not None:
+            opt_state = {**opt_state, "ema": average.update(kept, params, new_state)}
+        labels = y if y.dim() == 1 else y.argmax(1)
+        metrics["correct"] = (logits.argmax(1) == labels).sum()
+        return params, new_state, opt_state, metrics
 
     return step
 
@@ -252,12 +288,10 @@ def compile_step(step: Callable, cuda_graphs: bool = False) -> Callable:
     return replay
 
 
-def build_step(cfg: Config, optimizer, policy: Policy, *, label_smoothing: float = 0.0, head_only: bool = False,
-               reduce_grads: Callable | None = None, bn_reduce: Callable | None = None) -> Callable:
-    """The step as ``policy`` runs it: ``make_step``, compiled (and replayed as CUDA graphs) when it says so."""
-    step = make_step(cfg, optimizer, label_smoothing=label_smoothing, amp_dtype=policy.amp,
-                     reduce_grads=reduce_grads, head_only=head_only, for_compile=policy.compiled,
-                     bn_reduce=bn_reduce)
+def build_step(cfg: Config, optimizer, policy: Policy, **options) -> Callable:
+    """The step as ``policy`` runs it: ``make_step`` with ``options``, compiled (and replayed as CUDA graphs) when
+    it says so."""
+    step = make_step(cfg, optimizer, amp_dtype=policy.amp, for_compile=policy.compiled, **options)
     return compile_step(step, policy.cuda_graphs) if policy.compiled else step
 
 

@@ -17,18 +17,24 @@ import torch
 
 from . import data as data_lib
 from . import distributed
+from .augment import AUTO_AUGMENTS, Augment
 from .cache import MODES as CACHE_MODES
 from .evaluate import evaluate
 from .model import Config
 from .optim import OPTIMIZERS, SCHEDULES, make_optimizer, make_schedule
 from .step import (
-    AMP_CHOICES, COMPILE_CHOICES, SWITCH_CHOICES, build_step, device_policy, inference_policy, initial_state, to_device,
+    AMP_CHOICES, COMPILE_CHOICES, SWITCH_CHOICES, averaged, build_step, device_policy, inference_policy, initial_state,
+    to_device,
 )
 from .weights import Weights
 
 
 CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "augment": ("crop-flip", "none"),
-           "compile": COMPILE_CHOICES, "channels_last": SWITCH_CHOICES, "amp": AMP_CHOICES, "cache": CACHE_MODES}
+           "compile": COMPILE_CHOICES, "channels_last": SWITCH_CHOICES, "amp": AMP_CHOICES, "cache": CACHE_MODES, "auto_augment": AUTO_AUGMENTS}
+
+# Options added after the first checkpoints were written, with the values that reproduce those runs on --resume.
+OLDER_RUNS = {"cache": "off", "ema": 0.0, "ema_warmup": True, "auto_augment": "none", "reprob": 0.0, "mixup": 0.0,
+              "cutmix": 0.0, "clip_grad": 0.0}
 
 
 @dataclass
@@ -46,6 +52,13 @@ class TrainOptions:
     momentum: float = 0.9
     label_smoothing: float = 0.1
     augment: str = "crop-flip"  # or "none"
+    auto_augment: str = "none"  # or "trivial" (TrivialAugment-Wide)
+    reprob: float = 0.0  # random erasing probability
+    mixup: float = 0.0  # Beta alpha of mixup (0: off)
+    cutmix: float = 0.0  # Beta alpha of cutmix (0: off)
+    ema: float = 0.0  # decay of the weight EMA (0: off); validation and the weights then use the average
+    ema_warmup: bool = True  # timm's warmup of the EMA decay
+    clip_grad: float = 0.0  # global gradient norm bound (0: off)
     compile: str = "auto"  # auto | on | cudagraphs | off
     channels_last: str = "auto"  # auto | on | off
     amp: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16) | bf16 | off
@@ -74,12 +87,26 @@ class TrainOptions:
             problems.append(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.reprob <= 1:
+            problems.append(f"--reprob must be in [0, 1], got {self.reprob}")
+        for name in ("mixup", "cutmix", "clip_grad"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name.replace('_', '-')} must be >= 0 (0: off), got {getattr(self, name)}")
+        if not 0 <= self.ema < 1:
+            problems.append(f"--ema must be a decay in [0, 1) (0: off; e.g. 0.9998), got {self.ema}")
         if self.compile == "cudagraphs" and not self.device.startswith("cuda"):
             problems.append("--compile cudagraphs needs a CUDA device (--device cuda)")
         if self.workers < 0:
             problems.append(f"--workers must be >= 0, got {self.workers}")
         if problems:
             raise ValueError("; ".join(problems))
+
+    @property
+    def augmentation(self) -> Augment | None:
+        """What is done to the training batches (None: nothing)."""
+        spec = Augment(crop_flip=self.augment != "none", auto_augment=self.auto_augment, reprob=self.reprob,
+                       mixup=self.mixup, cutmix=self.cutmix)
+        return None if spec == Augment(crop_flip=False) else spec
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,7 +200,7 @@ class Trainer:
         torch.manual_seed(self.opts.seed)
         self.params, self.state, self.opt_state = initial_state(
             self.cfg, self.optimizer, self.device, seed=self.opts.seed, start=start,
-            head_only=self.opts.freeze_backbone)
+            head_only=self.opts.freeze_backbone, ema_decay=self.opts.ema)
 
     def checkpoint(self, cpu_trees: tuple[dict, dict] | None = None) -> dict:
         """Everything needed to resume, on the CPU. ``cpu_trees``: (params, state) already copied there."""
@@ -208,7 +235,7 @@ class Trainer:
         self.batch_in_epoch = ckpt["batch_in_epoch"] * ckpt.get("world", 1) // self.world
         self.global_step = self.epoch * self.batches + self.batch_in_epoch
         self.best = ckpt["metrics"] or None
-        self.best_weights = (best["params"], best["state"]) if best is not None else None
+        self.best_weights = evaluated_trees(best["params"], best["state"], best["opt_state"]) if best is not None else None
         torch.set_rng_state(ckpt["rng"]["torch"])
         if self.device.type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
@@ -221,9 +248,14 @@ class Trainer:
 
     # -- loop ----------------------------------------------------------------------------------------------
     def build_step(self):
-        return build_step(self.cfg, self.optimizer, self.policy, label_smoothing=self.opts.label_smoothing,
-                          head_only=self.opts.freeze_backbone, reduce_grads=self.reduce_grads,
-                          bn_reduce=self.bn_reduce)
+        opts = self.opts
+        return build_step(self.cfg, self.optimizer, self.policy, label_smoothing=opts.label_smoothing,
+                          head_only=opts.freeze_backbone, reduce_grads=self.reduce_grads, bn_reduce=self.bn_reduce,
+                          ema_decay=opts.ema, ema_warmup=opts.ema_warmup, clip_grad=opts.clip_grad)
+
+    def evaluated(self) -> tuple[dict, dict]:
+        """The (params, state) that validation, best.ckpt's weights and weights.pkl use: the EMA's when kept."""
+        return evaluated_trees(self.params, self.state, self.opt_state)
 
     def run(self) -> Iterator:
         """Trains from ``self.epoch``/``self.batch_in_epoch`` to ``opts.epochs``, yielding events."""
@@ -239,7 +271,8 @@ class Trainer:
             last_report = t0
             batches = data_lib.batches(
                 self.dataset.train, self.dataset.preprocess, batch_size=opts.batch_size, train=True,
-                augment=opts.augment != "none", device=self.device, seed=opts.seed, epoch=self.epoch,
+                augment=opts.augmentation, num_classes=len(self.dataset.classes), device=self.device,
+                seed=opts.seed, epoch=self.epoch,
                 start=self.batch_in_epoch, workers=opts.workers, shard=(self.rank, self.world),
                 channels_last=policy.channels_last,
             )
@@ -282,7 +315,7 @@ class Trainer:
                 raise NonFiniteLoss(self.epoch + 1, self.batch_in_epoch)
             self.epoch += 1
             self.batch_in_epoch = 0
-            val = self.validate(self.dataset.val)
+            val = self.validate(self.dataset.val, *self.evaluated())
             self.skipped.update(val["skipped"])
             metrics = {
                 "epoch": self.epoch,
@@ -298,10 +331,13 @@ class Trainer:
                 "skipped_files": len(self.skipped),
                 "step": self.global_step,
             }
+            if opts.ema:
+                metrics["val_weights"] = "ema"
             improved = self.best is None or (val["top1"], -val["loss"]) > (self.best["val_top1"], -self.best["val_loss"])
             cpu_trees = (to_device(self.params, "cpu"), to_device(self.state, "cpu"))  # one copy for all uses
             if improved:
-                self.best, self.best_weights = dict(metrics), cpu_trees
+                self.best = dict(metrics)
+                self.best_weights = to_device(self.evaluated(), "cpu") if opts.ema else cpu_trees
             if self.rank == 0:
                 yield CheckpointEvent(self.checkpoint(cpu_trees), self.best_weights_file() if improved else None)
             if self.epoch == opts.epochs and self.dataset.test is not None:
@@ -321,6 +357,11 @@ class Trainer:
         result = self.validate(self.dataset.test, params, state)
         return {"test_top1": result["top1"], "test_top5": result["top5"], "test_loss": result["loss"],
                 "test_of_epoch": self.best["epoch"]}
+
+
+def evaluated_trees(params: dict, state: dict, opt_state: dict) -> tuple[dict, dict]:
+    """(params, state) to evaluate: the weight EMA kept in ``opt_state``, else ``params`` and ``state``."""
+    return averaged(opt_state) or (params, state)
 
 
 class NonFiniteLoss(RuntimeError):

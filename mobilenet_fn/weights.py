@@ -154,8 +154,10 @@ def checkpoint_from_dict(obj: dict, path: str | Path) -> dict:
 
 
 def weights_from_checkpoint(ckpt: dict) -> Weights:
-    """The inference part of a checkpoint (the optimizer state, step counters and RNG states are dropped)."""
-    return _weights(ckpt)
+    """The inference part of a checkpoint (the optimizer state, step counters and RNG states are dropped): the
+    weight EMA's params and state where the run kept one, as its weights.pkl has them."""
+    kept = ckpt["opt_state"].get("ema") if isinstance(ckpt.get("opt_state"), dict) else None
+    return _weights(ckpt if kept is None else {**ckpt, "params": kept["params"], "state": kept["state"]})
 
 
 def _weights(obj: dict) -> Weights:
@@ -422,38 +424,42 @@ def _checkpoint_problem(obj: dict) -> str | None:
     ``Trainer.restore`` and ``train --resume`` read), or None. Called after ``_problem``."""
     from .train import TrainOptions  # here: train.py imports this module
 
+    from .train import OLDER_RUNS
+
     run = obj["run"]
     problem = _fields_problem("run", run, TrainOptions)
     if problem:
         return problem
-    missing = [f.name for f in dataclasses.fields(TrainOptions) if f.name not in run]
+    missing = [f.name for f in dataclasses.fields(TrainOptions) if f.name not in run and f.name not in OLDER_RUNS]
     if missing:
         return f"run lacks {', '.join(missing)}"
     try:  # as `train --resume` takes them: on its own device, where cudagraphs falls back to auto off CUDA
-        TrainOptions(**{**run, "compile": "auto" if run["compile"] == "cudagraphs" else run["compile"]})
+        compile = "auto" if run["compile"] == "cudagraphs" else run["compile"]
+        run = TrainOptions(**{**OLDER_RUNS, **run, "compile": compile})
     except (TypeError, ValueError) as e:
         return f"run: {e}"
     for key in ("epoch", "step", "batch_in_epoch", *[k for k in CHECKPOINT_OPTIONAL if k in obj]):
         value, least = obj[key], 1 if key == "world" else 0
         if not _value_fits(value, "int") or value < least:
             return f"{key} must be an integer of at least {least}, not {_short(value)}"
-    if obj["epoch"] > run["epochs"]:
-        return f"epoch {obj['epoch']} is beyond the run's {run['epochs']} epochs"
+    if obj["epoch"] > run.epochs:
+        return f"epoch {obj['epoch']} is beyond the run's {run.epochs} epochs"
     if obj["batch_in_epoch"] > obj["step"]:
         return f"batch_in_epoch {obj['batch_in_epoch']} is beyond step {obj['step']}"
     problem = _rng_problem(obj["rng"])
     if problem:
         return problem
     from .optim import make_optimizer
+    from .step import init_opt_state
 
     cfg = Config.from_dict(obj["config"])
-    optimizer = make_optimizer(run["optimizer"], weight_decay=run["weight_decay"], momentum=run["momentum"])
-    params = _expected_trees(cfg)[0]
+    optimizer = make_optimizer(run.optimizer, weight_decay=run.weight_decay, momentum=run.momentum)
     with torch.device("meta"):
-        expected = optimizer.init({"fc": params["fc"]} if run["freeze_backbone"] else params)  # step.trainable
+        expected = init_opt_state(optimizer, *_expected_trees(cfg), head_only=run.freeze_backbone, ema_decay=run.ema)
     problem = _tree_problem("opt_state", obj["opt_state"], expected)
     if problem:
-        return f"{problem} (optimizer {run['optimizer']}" + (", backbone frozen)" if run["freeze_backbone"] else ")")
+        return (f"{problem} (optimizer {run.optimizer}" + (", backbone frozen" if run.freeze_backbone else "")
+                + (", weight EMA" if run.ema else "") + ")")
     return None
 
 
