@@ -18,6 +18,14 @@ picks). timm is used the ordinary way: an ``nn.Module`` with timm's own initiali
 ``torch.optim.SGD``, eager. The activation is set to plain ReLU (timm's MobileNet v1 defaults to ReLU6; ours
 to ReLU).
 
+The recipe's ingredients come from timm's own classes, applied as timm's train.py applies them: ``--ema`` with
+``timm.utils.ModelEmaV3`` (warmup on; validation, the best epoch and the test use the average), ``--reprob`` with
+``timm.data.RandomErasing`` (mode "pixel", on the normalised batch), ``--mixup``/``--cutmix`` with
+``timm.data.Mixup`` (per element, label smoothing folded into its targets, ``SoftTargetCrossEntropy``), and
+``--clip-grad`` with ``torch.nn.utils.clip_grad_norm_``. ``--auto-augment trivial`` is the one ingredient taken from
+``mobilenet_fn.data.batches`` with the crops (torchvision's op, batched). ``--amp bf16`` runs the forward under bf16
+autocast, as timm's ``--amp --amp-dtype bfloat16``.
+
 Prints one line per epoch, then the wall time, best validation top-1 and test top-1. ``--out`` writes a JSON
 summary; ``--ours RUN_DIR`` also prints the same numbers from a mobilenet-fn run folder's metrics.jsonl.
 """
@@ -37,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from mobilenet_fn import data as data_lib
+from mobilenet_fn.augment import Augment
 from mobilenet_fn.optim import make_schedule
 
 
@@ -101,6 +110,14 @@ def main(argv=None) -> None:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--activation", default="relu", choices=("relu", "relu6"))
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--ema", type=float, default=0.0, help="ModelEmaV3 decay (0: off)")
+    p.add_argument("--reprob", type=float, default=0.0)
+    p.add_argument("--mixup", type=float, default=0.0)
+    p.add_argument("--cutmix", type=float, default=0.0)
+    p.add_argument("--auto-augment", default="none", choices=("none", "trivial"))
+    p.add_argument("--clip-grad", type=float, default=0.0)
+    p.add_argument("--amp", default="off", choices=("off", "bf16"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
@@ -111,8 +128,13 @@ def main(argv=None) -> None:
 
     import timm
 
+    from timm.data import Mixup
+    from timm.data.random_erasing import RandomErasing
+    from timm.loss import SoftTargetCrossEntropy
+    from timm.utils import ModelEmaV3
+
     device = torch.device(args.device)
-    dataset = data_lib.load("fashion-mnist", seed=args.seed)
+    dataset = data_lib.load("fashion-mnist", resolution=args.resolution, seed=args.seed)
     pre = dataset.preprocess
     torch.manual_seed(args.seed)
     model = timm_mobilenet_v1(args.alpha, len(dataset.classes), args.activation).to(device)
@@ -124,6 +146,14 @@ def main(argv=None) -> None:
     steps = batches_per_epoch if not args.limit_batches else min(args.limit_batches, batches_per_epoch)
     schedule = make_schedule("cosine", args.lr, batches_per_epoch * args.epochs,
                              warmup_steps=round(args.warmup_epochs * batches_per_epoch))
+    ema = ModelEmaV3(model, decay=args.ema, use_warmup=True) if args.ema else None
+    erase = RandomErasing(args.reprob, mode="pixel", device=str(device)) if args.reprob else None
+    mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, mode="elem", label_smoothing=args.label_smoothing,
+                  num_classes=len(dataset.classes)) if args.mixup or args.cutmix else None
+    soft_loss = SoftTargetCrossEntropy()
+    spec = Augment(auto_augment=args.auto_augment)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.amp == "bf16"
+                else torch.autocast(device.type, enabled=False))
     n_decay = sum(p.numel() for p in groups[0]["params"])
     n_all = sum(p.numel() for p in model.parameters())
     print(f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}  torch {torch.__version__}  "
@@ -143,26 +173,41 @@ def main(argv=None) -> None:
         correct = torch.zeros((), dtype=torch.long, device=device)
         seen = 0
         for i, batch in enumerate(data_lib.batches(
-                dataset.train, pre, batch_size=args.batch_size, train=True, augment=True, device=device,
+                dataset.train, pre, batch_size=args.batch_size, train=True, augment=spec, device=device,
                 seed=args.seed, epoch=epoch, channels_last=args.channels_last)):
             if i >= steps:
                 break
             lr = schedule(global_step)
             for group in opt.param_groups:
                 group["lr"] = lr
-            logits = model(batch.x)
-            loss = F.cross_entropy(logits, batch.y, label_smoothing=args.label_smoothing)
+            x, y = batch.x, batch.y
+            if erase is not None:
+                x = erase(x)
+            if mixup is not None:
+                x, targets = mixup(x, y)
+            with autocast:
+                logits = model(x)
+            logits = logits.float()
+            if mixup is not None:
+                loss = soft_loss(logits, targets)
+            else:
+                loss = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if args.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             opt.step()
             global_step += 1
+            if ema is not None:
+                ema.update(model, step=global_step)
             loss_sum += loss.detach()
-            correct += (logits.detach().argmax(1) == batch.y).sum()
+            correct += (logits.detach().argmax(1) == y).sum()
             seen += len(batch.y)
         if args.limit_batches:
             global_step = (epoch + 1) * batches_per_epoch  # keep the schedule where a full epoch leaves it
         train_seconds = time.perf_counter() - t0
-        val = evaluate(model, dataset.val, pre, device, args.channels_last)
+        evaluated = model if ema is None else ema.module
+        val = evaluate(evaluated, dataset.val, pre, device, args.channels_last)
         row = {
             "epoch": epoch + 1, "train_loss": loss_sum.item() / max(1, seen // args.batch_size),
             "train_top1": correct.item() / max(1, seen), "val_loss": val["loss"], "val_top1": val["top1"],
@@ -172,7 +217,7 @@ def main(argv=None) -> None:
         history.append(row)
         if best is None or (row["val_top1"], -row["val_loss"]) > (best["val_top1"], -best["val_loss"]):
             best = row
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(evaluated.state_dict())
         print(f"epoch {row['epoch']:2d}/{args.epochs}  train loss {row['train_loss']:.4f} top-1 "
               f"{100 * row['train_top1']:.2f}%  val loss {row['val_loss']:.4f} top-1 {100 * row['val_top1']:.2f}%  "
               f"lr {row['lr']:.4f}  {row['img_per_s']:.0f} img/s  {row['seconds']:.1f} s"

@@ -255,3 +255,69 @@ def test_optimizers_refuse_trees_that_do_not_match_the_params_and_take_decay_wit
         assert not torch.equal(new["bn"]["weight"], params["bn"]["weight"])
         with pytest.raises(ValueError, match="does not match the params"):
             opt.update({"bn": {"weight": torch.ones(3)}}, opt.init(params), params, torch.tensor(0.1))
+
+
+def test_weight_ema_follows_a_hand_computation_with_timms_warmup():
+    from mobilenet_fn.optim import ema, ema_decay
+
+    params = {"w": torch.tensor([1.0, -2.0]), "blocks": [{"b": torch.tensor([3.0])}]}
+    state = {"bn": {"mean": torch.tensor([0.5]), "var": torch.tensor([2.0])}}
+    average = ema(0.9)
+    kept = average.init(params, state)
+    expected_p, expected_s = {"w": [1.0, -2.0], "b": 3.0}, {"mean": 0.5, "var": 2.0}
+    for t in range(1, 6):
+        new_p = {"w": torch.tensor([1.0 + t, -2.0 * t]), "blocks": [{"b": torch.tensor([3.0 - t])}]}
+        new_s = {"bn": {"mean": torch.tensor([0.5 * t]), "var": torch.tensor([2.0 + t])}}
+        kept = average.update(kept, new_p, new_s)
+        d = min(0.9, 1 - (1 + t) ** (-2 / 3))  # timm ModelEmaV3: 1 - (1 + step / gamma)^-power, gamma 1
+        expected_p = {"w": [d * expected_p["w"][0] + (1 - d) * (1.0 + t), d * expected_p["w"][1] + (1 - d) * -2.0 * t],
+                      "b": d * expected_p["b"] + (1 - d) * (3.0 - t)}
+        expected_s = {"mean": d * expected_s["mean"] + (1 - d) * 0.5 * t, "var": d * expected_s["var"] + (1 - d) * (2 + t)}
+    torch.testing.assert_close(kept["params"]["w"], torch.tensor(expected_p["w"]))
+    torch.testing.assert_close(kept["params"]["blocks"][0]["b"], torch.tensor([expected_p["b"]]))
+    torch.testing.assert_close(kept["state"]["bn"]["mean"], torch.tensor([expected_s["mean"]]))
+    torch.testing.assert_close(kept["state"]["bn"]["var"], torch.tensor([expected_s["var"]]))
+    assert kept["count"].item() == 5
+    assert ema_decay(0.9998, torch.tensor(1.0)).item() == pytest.approx(1 - 2 ** (-2 / 3))
+    assert ema_decay(0.9998, torch.tensor(1e9)).item() == pytest.approx(0.9998)
+    assert ema_decay(0.99, torch.tensor(1.0), warmup=False).item() == pytest.approx(0.99)
+
+
+def test_the_step_keeps_the_ema_of_its_own_updates_and_clips_like_torch():
+    from mobilenet_fn.step import averaged, init_opt_state
+
+    cfg = Config(alpha=0.25, num_classes=4)
+    params, state = init(cfg, torch.Generator().manual_seed(0))
+    batch = (torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 0, 1]))
+    lr = torch.tensor(0.05)
+    opt = sgd(momentum=0.9)
+    plain = make_step(cfg, opt)(params, state, opt.init(params), batch, lr)
+    with_ema = make_step(cfg, opt, ema_decay=0.5, ema_warmup=False)(
+        params, state, init_opt_state(opt, params, state, ema_decay=0.5), batch, lr)
+    assert_trees_close(plain[:2], with_ema[:2], atol=0, rtol=0)  # the EMA changes no update
+    ema_params, ema_state = averaged(with_ema[2])
+    assert_trees_close(ema_params, tree_map(lambda a, b: 0.5 * a + 0.5 * b, params, plain[0]), atol=1e-7, rtol=0)
+    assert_trees_close(ema_state, tree_map(lambda a, b: 0.5 * a + 0.5 * b, state, plain[1]), atol=1e-7, rtol=0)
+    # Clipping: the gradients the step hands back equal torch.nn.utils.clip_grad_norm_'s on the same tensors.
+    grads = make_step(cfg, GRADS_OUT)(params, state, {}, batch, lr)[0]
+    clipped, _, _, metrics = make_step(cfg, GRADS_OUT, clip_grad=0.1)(params, state, {}, batch, lr)
+    reference = [torch.nn.Parameter(t.clone()) for t in tree_leaves(grads)]
+    for p, g in zip(reference, tree_leaves(grads)):
+        p.grad = g.clone()
+    total = torch.nn.utils.clip_grad_norm_(reference, 0.1)
+    assert metrics["grad_norm"].item() == pytest.approx(total.item(), rel=1e-5) and total > 0.1
+    for ours, theirs in zip(tree_leaves(clipped), reference):
+        torch.testing.assert_close(ours, theirs.grad, atol=1e-7, rtol=1e-5)
+
+
+def test_the_step_takes_mixed_targets_and_counts_the_dominant_label():
+    cfg = Config(alpha=0.25, num_classes=3)
+    params, state = init(cfg, torch.Generator().manual_seed(0))
+    x = torch.randn(4, 3, 32, 32)
+    labels = torch.tensor([0, 1, 2, 1])
+    probs = torch.nn.functional.one_hot(labels, 3).float()
+    lr = torch.tensor(0.0)
+    hard = make_step(cfg, sgd(), label_smoothing=0.1)(params, state, sgd().init(params), (x, labels), lr)
+    soft = make_step(cfg, sgd(), label_smoothing=0.1)(params, state, sgd().init(params), (x, probs), lr)
+    torch.testing.assert_close(hard[3]["loss"], soft[3]["loss"])
+    assert hard[3]["correct"] == soft[3]["correct"]

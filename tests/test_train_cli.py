@@ -35,9 +35,14 @@ def _interrupt_after(monkeypatch, epoch: int, batches: int):
     monkeypatch.setattr(data_lib, "batches", interrupted)
 
 
+# Every training ingredient at once: on the device for in-memory and cached data, in the workers with --cache off.
+EVERYTHING = ["--auto-augment", "trivial", "--reprob", "0.5", "--mixup", "0.2", "--cutmix", "1.0", "--ema", "0.9",
+              "--clip-grad", "2.0"]
+
+
 @pytest.mark.slow
 def test_run_folder_and_resume_after_ctrl_c_is_bit_identical(tmp_path, monkeypatch):
-    straight = train("--epochs", 2, "--out", tmp_path / "straight")
+    straight = train("--epochs", 2, *EVERYTHING, "--out", tmp_path / "straight")
     assert straight.exit_code == 0, straight.output
     run = tmp_path / "straight"
     assert {p.name for p in run.iterdir()} >= {"config.json", "split.json", "metrics.jsonl", "last.ckpt",
@@ -50,7 +55,7 @@ def test_run_folder_and_resume_after_ctrl_c_is_bit_identical(tmp_path, monkeypat
 
     with monkeypatch.context() as m:
         _interrupt_after(m, epoch=1, batches=5)  # mid-epoch 2: only the Ctrl-C handler can have saved this
-        stopped = train("--epochs", 2, "--out", tmp_path / "resumed")
+        stopped = train("--epochs", 2, *EVERYTHING, "--out", tmp_path / "resumed")
     assert stopped.exit_code == 130
     assert "--resume" in stopped.output
     ckpt = load_checkpoint(tmp_path / "resumed" / "last.ckpt")
@@ -59,8 +64,56 @@ def test_run_folder_and_resume_after_ctrl_c_is_bit_identical(tmp_path, monkeypat
     assert resumed.exit_code == 0, resumed.output
     a = load_checkpoint(run / "last.ckpt")
     b = load_checkpoint(tmp_path / "resumed" / "last.ckpt")
+    assert "ema" in a["opt_state"]
     assert_trees_close((a["params"], a["state"], a["opt_state"]), (b["params"], b["state"], b["opt_state"]),
                        atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_with_ema_validation_best_ckpt_and_weights_use_the_average(tmp_path):
+    assert train("--epochs", 1, "--ema", "0.9", "--out", tmp_path / "run").exit_code == 0
+    run = tmp_path / "run"
+    metrics = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert metrics["val_weights"] == "ema"
+    best, weights = load_checkpoint(run / "best.ckpt"), load_weights(run / "weights.pkl")
+    kept = best["opt_state"]["ema"]
+    assert_trees_close((weights.params, weights.state), (kept["params"], kept["state"]), atol=0, rtol=0)
+    assert not torch.equal(weights.params["fc"]["weight"], best["params"]["fc"]["weight"])
+    result = runner.invoke(app, ["eval", str(run / "weights.pkl"), "--json", "--device", "cpu"])
+    assert json.loads(result.stdout)["top1"] == pytest.approx(metrics["val_top1"], abs=1e-9)
+    converted = runner.invoke(app, ["convert", str(run / "best.ckpt"), "-o", str(tmp_path / "c.pkl")])
+    assert converted.exit_code == 0, converted.output
+    assert_trees_close(load_weights(tmp_path / "c.pkl").params, kept["params"], atol=0, rtol=0)
+
+
+def test_a_config_file_sets_options_and_flags_override_it(tmp_path):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('epochs = 1\nlabel-smoothing = 0.0\nreprob = 0.25\nema = 0.5\nbatch_size = 100\n'
+                      'lr = 0.3\n')
+    result = train("--config", recipe, "--lr", "0.02", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    opts = config["train"]
+    assert (opts["epochs"], opts["label_smoothing"], opts["reprob"], opts["ema"]) == (1, 0.0, 0.25, 0.5)
+    assert opts["lr"] == 0.02 and opts["batch_size"] == 128  # given as flags (FAST has --batch-size 128)
+    assert config["recipe"] == str(recipe)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("epochs = 1\nwarp-speed = 9\n", "unknown option(s) warp-speed"),
+    ("epochs = [1, 2]\n", "epochs must be a single value"),
+    ("epochs = \n", "not valid TOML"),
+    ("reprob = 2.0\n", "--reprob must be in [0, 1]"),
+    ("auto-augment = \"rand\"\n", "--auto-augment must be one of none, trivial"),
+])
+def test_a_bad_config_file_is_one_line_exit_2(tmp_path, text, message):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(text)
+    result = train("--config", recipe, "--out", tmp_path / "run")
+    one_line_error(result, message)
+    assert not (tmp_path / "run").exists()
+    missing = train("--config", tmp_path / "nope.toml", "--out", tmp_path / "run")
+    one_line_error(missing, "no such file")
 
 
 @pytest.mark.slow
@@ -130,7 +183,8 @@ def test_compiles_once_over_two_epochs_with_a_changing_learning_rate(tmp_path, m
     counter = CompileCounter()
     monkeypatch.setattr(step_lib, "COMPILE_BACKEND", counter)
     result = runner.invoke(app, ["train", "--alpha", "0.25", "--batch-size", "256", "--device", "cpu",
-                                 "--compile", "on", "--epochs", "2", "--out", str(tmp_path / "run")])
+                                 "--compile", "on", "--epochs", "2", "--out", str(tmp_path / "run"),
+                                 "--ema", "0.99", "--clip-grad", "1", "--mixup", "0.2", "--reprob", "0.25"])
     assert result.exit_code == 0, result.output
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert lrs[0] != lrs[1]
@@ -255,14 +309,15 @@ def _colour_folder(root, n=20):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers, cache", [(0, "off"), (1, "off"), (2, "off"), (0, "ram"), (0, "disk")])
-def test_a_folder_run_stopped_mid_epoch_resumes_bit_identically(tmp_path, monkeypatch, workers, cache):
+@pytest.mark.parametrize("workers, cache, extra", [(0, "off", []), (1, "off", []), (2, "off", EVERYTHING),
+                                                   (0, "ram", []), (0, "disk", EVERYTHING)])
+def test_a_folder_run_stopped_mid_epoch_resumes_bit_identically(tmp_path, monkeypatch, workers, cache, extra):
     # Each image's augmentation is drawn from (seed, epoch, image) with --cache off, from (seed, epoch, batch)
     # through the decoded cache: not from the worker that loads it, nor from where in the epoch the run started.
     # Dropout draws from torch's RNG, which the checkpoint restores.
     root = _colour_folder(tmp_path / "photos")
     args = ["--data", root, "--resolution", "32", "--batch-size", "8", "--epochs", "2", "--workers", workers,
-            "--dropout", "0.2", "--cache", cache]
+            "--dropout", "0.2", "--cache", cache, *extra]
     assert train(*args, "--out", tmp_path / "straight").exit_code == 0
     with monkeypatch.context() as m:
         _interrupt_after(m, epoch=1, batches=2)
