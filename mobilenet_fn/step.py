@@ -232,6 +232,7 @@ def make_step(
     processes) and reports the norm before clipping as ``grad_norm``. ``ema_decay`` > 0 updates the weight EMA in
     ``opt_state["ema"]`` after the optimizer (``optim.ema``, with timm's warmup of the decay unless
     ``ema_warmup`` is False).
+
     ``reduce_grads`` (distributed) averages the gradient tree across processes. ``head_only`` trains only the
     classifier on a frozen backbone, which then runs in eval mode (its running statistics are kept too).
     ``for_compile=False`` takes gradients with ``autograd_grad_and_value``, faster when the step runs eagerly.

@@ -30,7 +30,8 @@ from .weights import Weights
 
 
 CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "augment": ("crop-flip", "none"),
-           "compile": COMPILE_CHOICES, "channels_last": SWITCH_CHOICES, "amp": AMP_CHOICES, "cache": CACHE_MODES, "auto_augment": AUTO_AUGMENTS}
+           "compile": COMPILE_CHOICES, "channels_last": SWITCH_CHOICES, "amp": AMP_CHOICES, "cache": CACHE_MODES,
+           "auto_augment": AUTO_AUGMENTS}
 
 # Options added after the first checkpoints were written, with the values that reproduce those runs on --resume.
 OLDER_RUNS = {"cache": "off", "ema": 0.0, "ema_warmup": True, "auto_augment": "none", "reprob": 0.0, "mixup": 0.0,
@@ -235,7 +236,8 @@ class Trainer:
         self.batch_in_epoch = ckpt["batch_in_epoch"] * ckpt.get("world", 1) // self.world
         self.global_step = self.epoch * self.batches + self.batch_in_epoch
         self.best = ckpt["metrics"] or None
-        self.best_weights = evaluated_trees(best["params"], best["state"], best["opt_state"]) if best is not None else None
+        if best is not None:
+            self.best_weights = evaluated_trees(best["params"], best["state"], best["opt_state"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if self.device.type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)

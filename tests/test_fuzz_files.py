@@ -57,7 +57,7 @@ def valid_weights() -> dict:
         return torch.load(Path(tmp) / "w.pkl", weights_only=True)
 
 
-def valid_checkpoint(optimizer: str = "adamw", freeze_backbone: bool = False) -> dict:
+def valid_checkpoint(optimizer: str = "adamw", freeze_backbone: bool = False, ema: float = 0.0) -> dict:
     """A real ``Trainer.checkpoint()`` of a tiny model on the sample data, as ``save_checkpoint`` writes it."""
     import torch
 
@@ -68,7 +68,7 @@ def valid_checkpoint(optimizer: str = "adamw", freeze_backbone: bool = False) ->
 
     ds = data_lib.load("sample", resolution=32)
     opts = TrainOptions(data="sample", epochs=2, batch_size=8, compile="off", channels_last="off", amp="off",
-                        workers=0, optimizer=optimizer, freeze_backbone=freeze_backbone)
+                        workers=0, optimizer=optimizer, freeze_backbone=freeze_backbone, ema=ema)
     trainer = Trainer(Config(alpha=0.25, resolution=32, num_classes=len(ds.classes)), opts, ds, torch.device("cpu"))
     trainer.start_fresh()
     trainer.epoch, trainer.global_step, trainer.batch_in_epoch = 1, 600, 100
@@ -183,6 +183,8 @@ def structure_cases(base: dict, label: str, long: bool):
     tensors replaced by wrong ones. Expectation "refuse", or "any" (accepted or refused, cleanly either way)."""
     import torch
 
+    from mobilenet_fn.train import OLDER_RUNS
+
     paths = list(field_paths(base))
     names = list(bad_values())
     pick = random.Random(label)
@@ -198,7 +200,9 @@ def structure_cases(base: dict, label: str, long: bool):
             if path == ("run", "init_weights") and name == "None":
                 expect = "any"
             yield f"{label}: {_name(path)} = {name}", with_change(base, path, "set", value), expect
-        optional = path[0] in FREE or path == ("world",) or path[0] == "config"  # config: defaults fill in
+        # config: defaults fill in; run options added later: older runs lack them (train.OLDER_RUNS)
+        optional = (path[0] in FREE or path == ("world",) or path[0] == "config"
+                    or (len(path) == 2 and path[0] == "run" and path[1] in OLDER_RUNS))
         yield f"{label}: del {_name(path)}", with_change(base, path, "del"), "any" if optional else "refuse"
     for path in [()] + [p for p in paths if isinstance(get(base, p), dict) and p[0] not in FREE]:
         yield f"{label}: extra key in {_name(path) or 'the file'}", with_change(base, path, "add", "surplus"), "refuse"
@@ -300,7 +304,7 @@ def all_cases(long: bool):
 
     rng = random.Random(17)
     weights = valid_weights()
-    checkpoints = {"checkpoint": valid_checkpoint(), "checkpoint sgd frozen": valid_checkpoint("sgd", True)}
+    checkpoints = {"checkpoint": valid_checkpoint(ema=0.999), "checkpoint sgd frozen": valid_checkpoint("sgd", True)}
     yield "weights: valid", "weights", weights, "accept"
     for label, ckpt in checkpoints.items():
         yield f"{label}: valid", "checkpoint", ckpt, "accept"

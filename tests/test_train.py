@@ -272,7 +272,8 @@ def test_weight_ema_follows_a_hand_computation_with_timms_warmup():
         d = min(0.9, 1 - (1 + t) ** (-2 / 3))  # timm ModelEmaV3: 1 - (1 + step / gamma)^-power, gamma 1
         expected_p = {"w": [d * expected_p["w"][0] + (1 - d) * (1.0 + t), d * expected_p["w"][1] + (1 - d) * -2.0 * t],
                       "b": d * expected_p["b"] + (1 - d) * (3.0 - t)}
-        expected_s = {"mean": d * expected_s["mean"] + (1 - d) * 0.5 * t, "var": d * expected_s["var"] + (1 - d) * (2 + t)}
+        expected_s = {"mean": d * expected_s["mean"] + (1 - d) * 0.5 * t,
+                      "var": d * expected_s["var"] + (1 - d) * (2 + t)}
     torch.testing.assert_close(kept["params"]["w"], torch.tensor(expected_p["w"]))
     torch.testing.assert_close(kept["params"]["blocks"][0]["b"], torch.tensor([expected_p["b"]]))
     torch.testing.assert_close(kept["state"]["bn"]["mean"], torch.tensor([expected_s["mean"]]))

@@ -1,6 +1,7 @@
 """`mobilenet-fn train` end to end on the embedded sample (small α, so each epoch takes seconds)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -350,3 +351,20 @@ def test_sigterm_saves_the_position_says_how_to_resume_and_exits_143(tmp_path):
     ckpt = load_checkpoint(run / "last.ckpt")
     assert (run / "last.ckpt").stat().st_ino != first  # written again, where the signal stopped the run
     assert ckpt["step"] == ckpt["epoch"] * 120 + ckpt["batch_in_epoch"] and ckpt["epoch"] >= 1
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parent.parent / "recipes").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_the_shipped_recipes_name_only_trains_options_with_valid_values(recipe):
+    import dataclasses
+    import inspect
+    import tomllib
+
+    from mobilenet_fn.cli.train import train as command
+    from mobilenet_fn.train import TrainOptions
+
+    values = {k.replace("-", "_"): v for k, v in tomllib.loads(recipe.read_text()).items()}
+    assert set(values) <= set(inspect.signature(command).parameters) - {"config", "resume"}
+    fields = {f.name for f in dataclasses.fields(TrainOptions)}
+    opts = TrainOptions(**{k: v for k, v in values.items() if k in fields})
+    assert opts.data == "fashion-mnist" and opts.ema > 0
