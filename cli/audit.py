@@ -69,6 +69,8 @@ def audit(
     dev = pick_device(device)
     if out is not None and out.exists():
         raise UserError(f"{out} already exists; pick another --out")
+    if out is not None and Path(data).expanduser().is_dir():
+        audit_lib.check_outside(out, data)
     trained = None
     if weights is not None:
         from mobilenet_fn.weights import load_weights
@@ -86,7 +88,7 @@ def audit(
     for report in reports:
         report_cache(report)
     out = out or audit_lib.default_out_dir(data)
-    audit_lib.check_outside(out, pool)
+    audit_lib.check_outside(out, pool.root)
     err.print(escape(f"Auditing {pool.name}: {len(pool)} images ({int((~pool.is_val).sum())} train, "
                      f"{int(pool.is_val.sum())} val), {len(pool.classes)} classes"), highlight=False, soft_wrap=True)
 

@@ -52,6 +52,7 @@ EMBEDDINGS = ("pixels", "features")
 DUPLICATE_THRESHOLD = {"pixels": 0.985, "features": 0.95}  # cosine similarity
 THUMBNAIL = 16
 OUTLIER_MADS = 6.0  # an outlier's distance to the nearest class centroid is this many MADs above the median
+OUTLIER_FLOOR = 0.5  # and at least this (1 - cosine; 60 degrees), so that a tight, clean set flags none
 GRAD_CHOICES = ("head", "full", "off")
 
 
@@ -458,7 +459,7 @@ def audit(pool: Pool, outputs: Outputs, *, embed: str = "pixels", threshold: flo
     signals["outlier"] = scores
     median = scores.median()
     mad = (scores - median).abs().median()
-    cut = (median + OUTLIER_MADS * 1.4826 * mad).item()
+    cut = max((median + OUTLIER_MADS * 1.4826 * mad).item(), OUTLIER_FLOOR)
     order = scores.argsort(descending=True)
     outliers = [Issue(i, "outlier", scores[i].item(), signals["suggested"][i].item())
                 for i in order.tolist() if scores[i] > cut]
@@ -503,11 +504,11 @@ def default_out_dir(data: str, root: Path = Path("audits")) -> Path:
     return path
 
 
-def check_outside(out: Path, pool: Pool) -> None:
-    """The report never goes into the data's folder."""
-    if pool.root is None:
+def check_outside(out: Path, root: str | Path | None) -> None:
+    """The report never goes into the data's folder ``root`` (None: the data has none)."""
+    if root is None:
         return
-    out, root = Path(out).expanduser().resolve(), Path(pool.root).resolve()
+    out, root = Path(out).expanduser().resolve(), Path(root).expanduser().resolve()
     if out == root or root in out.parents:
         raise DataError(f"{out}: is inside the data folder {root}; audit never writes there: pick another --out")
 
@@ -577,7 +578,7 @@ def write_report(out: Path, pool: Pool, outputs: Outputs, result: Audit, *, sett
     """Writes report.json, issues.csv, signals.csv, suspects-<kind>.png (and with ``fix_split``, split.json or
     val-leaks.txt) into ``out``, which must not exist yet. Returns the report (with the files written)."""
     out = Path(out)
-    check_outside(out, pool)
+    check_outside(out, pool.root)
     try:
         out.mkdir(parents=True)
     except FileExistsError:
