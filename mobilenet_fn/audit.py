@@ -260,11 +260,10 @@ def out_of_sample(pool: Pool, cfg: Config, opts, *, folds: int = 3, grad: str = 
             yield FoldEvent(f + 1, folds, event)
         # The last epoch's model: the held-out fold must not pick the epoch it is then judged by.
         policy = inference_policy(device)
-        every = pool.subset(torch.arange(n)) if f == 0 else dataset.val
-        out = model_outputs(cfg, trainer.params, trainer.state, every, pool.preprocess, grad=grad, policy=policy)
         if f == 0:
-            embeddings = out["embeddings"]
-            out = {key: value[held] for key, value in out.items()}
+            embeddings = model_outputs(cfg, trainer.params, trainer.state, pool.subset(torch.arange(n)),
+                                       pool.preprocess, grad="off", policy=policy)["embeddings"]
+        out = model_outputs(cfg, trainer.params, trainer.state, dataset.val, pool.preprocess, grad=grad, policy=policy)
         logits[held] = out["logits"]
         if grad != "off":
             grad_norm[held] = out["grad_norm"]

@@ -138,6 +138,11 @@ def test_fix_split_keeps_each_duplicate_group_on_one_side(audited):
     assert f"Excluded {recorded['excluded']['train']} training and {recorded['excluded']['val']} validation" in \
         trained.output
     assert set(recorded["val"]) == val
+    # --weights: the trained model judges every image at once, and the report says that this is biased.
+    quick = runner.invoke(app, ["audit", str(root), "--weights", str(run / "weights.pkl"), "--device", "cpu",
+                                "--out", str(root.parent / "quick"), "--json"])
+    assert quick.exit_code == 0, quick.output
+    assert "biased" in json.loads(quick.stdout.strip().splitlines()[-1])["probabilities"]
 
 
 def test_exclude_counts_and_refuses_a_list_of_strangers(tmp_path):
