@@ -40,7 +40,7 @@ def audit(
     embed: Annotated[str, Opt(help="Duplicates in: pixels (standardised 16x16 thumbnails) or features (the pooled "
                                    "last feature map of one model).")] = "pixels",
     threshold: Annotated[Optional[float], Opt(help="Cosine similarity from which two images are near-duplicates; "
-                                                   "default 0.985 for pixels, 0.95 for features.")] = None,
+                                                   "default 0.995 for pixels, 0.95 for features.")] = None,
     fix_split: Annotated[bool, Opt(help="Also write split.json keeping each duplicate group on one side (a folder "
                                         "split by --val-split; train --split uses it), or val-leaks.txt (a fixed "
                                         "split: the validation files to --exclude).")] = False,

@@ -49,7 +49,7 @@ KINDS = ("label", "conflict", "leak", "duplicate", "outlier")
 # the copies, the model's features (4 epochs, 78 % top-1) also paired 1.8 M clean pairs (features of a classifier
 # gather a class in one spot), the thumbnails 29.
 EMBEDDINGS = ("pixels", "features")
-DUPLICATE_THRESHOLD = {"pixels": 0.985, "features": 0.95}  # cosine similarity
+DUPLICATE_THRESHOLD = {"pixels": 0.995, "features": 0.95}  # cosine similarity
 THUMBNAIL = 16
 OUTLIER_MADS = 6.0  # an outlier's distance to the nearest class centroid is this many MADs above the median
 OUTLIER_FLOOR = 0.5  # and at least this (1 - cosine; 60 degrees), so that a tight, clean set flags none
