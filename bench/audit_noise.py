@@ -8,7 +8,8 @@
    scored against the flips (precision, recall, precision@100 and @500), next to the same budget of files ranked
    by loss alone, by the gradient norm alone and by the margin alone (from the audit's signals.csv), and to
    cleanlab on 3-fold cross-validated probabilities of a logistic regression on pixels. Then `train` on the noisy
-   tree against `train --exclude` of the flagged label issues, each evaluated on the test tree.
+   tree against `train --exclude` of the flagged label issues, and of the 500 most suspect, each evaluated on the
+   test tree.
 2. Duplicates: train/ (the 10,000 images as JPEG, quality 95) and val/ (2,000 other training images), audited
    clean and with 200 of the train images resized to 40 px and re-encoded as JPEG at quality 75 added to val/:
    the recall of the copies (leaks paired with their originals) at the default threshold, and what the clean set
@@ -35,6 +36,7 @@ from PIL import Image
 from mobilenet_fn import data as data_lib
 
 N_TRAIN, N_DUP_VAL, N_COPIES = 10_000, 2_000, 200
+TOP = 500  # the most suspect label issues, excluded in a second run
 CACHE = Path("/tmp/audit-bench/cache")
 RES = ["--resolution", "32", "--device", "cpu"]  # 28 px images: train's default for Fashion-MNIST, not a folder's 224
 
@@ -43,7 +45,7 @@ def cli(*args, env=None) -> tuple[dict | None, float]:
     """Runs `python -m mobilenet_fn ARGS`; its --json object (or None) and the seconds it took."""
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "mobilenet_fn", *map(str, args)], capture_output=True, text=True,
-                          env=env or {**os.environ, "MOBILENET_FN_CACHE": str(CACHE)})
+                          env=env)
     seconds = time.perf_counter() - t0
     if done.returncode != 0:
         sys.exit(f"failed ({done.returncode}): {' '.join(map(str, args))}\n{done.stderr[-3000:]}")
@@ -98,6 +100,7 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     CACHE = work / "cache"  # the decoded caches of the bench's folders, not the user's
+    os.environ["MOBILENET_FN_CACHE"] = str(CACHE)
     arrays, _ = data_lib.fashion_mnist_arrays(download=False)
     classes = [c.replace("/", "-") for c in data_lib.FASHION_MNIST_CLASSES]
     g = torch.Generator().manual_seed(0)
@@ -151,9 +154,13 @@ def main() -> None:
         if not args.skip_train:
             only_labels = work / f"label-issues-{tag}.csv"
             only_labels.write_text("file\n" + "".join(f"{f}\n" for f in ours))
+            top = work / f"label-top{TOP}-{tag}.csv"
+            top.write_text("file\n" + "".join(f"{f}\n" for f in ours[:TOP]))
             accuracy = {}
-            for name, extra in (("noisy labels", []), ("--exclude flagged", ["--exclude", only_labels])):
-                run = work / f"run{tag}-{'excl' if extra else 'noisy'}"
+            for name, key, extra in (("noisy labels", "noisy", []),
+                                     (f"--exclude flagged ({len(ours)})", "excl", ["--exclude", only_labels]),
+                                     (f"--exclude the {TOP} most suspect", f"top{TOP}", ["--exclude", top])):
+                run = work / f"run{tag}-{key}"
                 if not run.exists():
                     _, timings[f"train {tag} % {name}"] = cli("train", "--data", root, "--epochs", args.epochs,
                                                               "--out", run, *RES, *extra)

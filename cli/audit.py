@@ -37,7 +37,7 @@ def audit(
     val_split: Annotated[float, Opt(help="Validation fraction for a folder without val/ (which files leak).")] = 0.2,
     grad: Annotated[str, Opt(help="Per-sample gradient norm by vmap(grad): head (the classifier's parameters), "
                                   "full (every parameter; ~25x as slow), off.")] = "head",
-    embed: Annotated[str, Opt(help="Duplicates in: pixels (standardised 16x16 thumbnails) or features (the pooled "
+    embed: Annotated[str, Opt(help="Duplicates in: pixels (standardised grey 16x16 thumbnails) or features (the pooled "
                                    "last feature map of one model).")] = "pixels",
     threshold: Annotated[Optional[float], Opt(help="Cosine similarity from which two images are near-duplicates; "
                                                    "default 0.995 for pixels, 0.95 for features.")] = None,
