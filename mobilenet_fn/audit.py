@@ -279,8 +279,10 @@ def from_weights(pool: Pool, weights, *, grad: str = "head", device: torch.devic
                         f"(in the same order)")
     policy = inference_policy(torch.device(device))
     params, state = to_device(weights.params, policy.device), to_device(weights.state, policy.device)
-    out = model_outputs(weights.config, params, state, pool.subset(torch.arange(len(pool))), pool.preprocess,
-                        grad=grad, policy=policy)
+    # The data's geometry (its images are stored for it), the weights' normalisation.
+    preprocess = {**pool.preprocess, **{k: weights.preprocess[k] for k in ("mean", "std") if k in weights.preprocess}}
+    out = model_outputs(weights.config, params, state, pool.subset(torch.arange(len(pool))), preprocess, grad=grad,
+                        policy=policy)
     return Outputs(out["logits"], out["embeddings"], out.get("grad_norm"), "weights", grad)
 
 
