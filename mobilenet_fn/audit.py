@@ -25,7 +25,6 @@ import csv
 import dataclasses
 import hashlib
 import io
-import json
 import math
 import os
 from dataclasses import dataclass, field

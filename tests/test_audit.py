@@ -3,7 +3,6 @@ match plain references; `train --exclude/--split` use what it writes; bad input 
 touched."""
 
 import csv
-import io
 import json
 import os
 import shutil
