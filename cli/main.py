@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from .audit import audit
 from .resize import resize
 from .convert import convert
 from .export import export
@@ -16,7 +17,7 @@ from .summary import summary
 from .train import train
 
 app = typer.Typer(
-    help="MobileNet v1 as a pure function: train, evaluate, predict, convert, export, quantize, resize, summarise.",
+    help="MobileNet v1 as a pure function: train, evaluate, predict, convert, export, quantize, resize, summarise, audit.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -48,6 +49,7 @@ app.command()(predict)
 app.command()(convert)
 app.command()(export)
 app.command()(quantize)
+app.command()(audit)
 
 
 def run() -> None:

@@ -93,6 +93,10 @@ def train(
     freeze_backbone: Annotated[bool, Opt(help="With --init: train only the classifier.")] = False,
     nproc: Annotated[int, Opt(help="Data-parallel processes on this machine (torchrun); e.g. one per GPU.")] = 1,
     sync_bn: Annotated[bool, Opt(help="Distributed: BatchNorm statistics over the global batch.")] = False,
+    exclude: Annotated[Optional[Path], Opt(help="Leave out the files this list names: audit's issues.csv, or "
+                                                "paths one per line.")] = None,
+    split: Annotated[Optional[Path], Opt(help="Validation files from this split.json (audit --fix-split), for "
+                                              "a folder of class folders.")] = None,
 ):
     """Train MobileNet v1 on a dataset; writes a run folder with checkpoints, metrics, curves and weights.pkl."""
     import torch
@@ -125,6 +129,7 @@ def train(
                 compile=compile, channels_last=channels_last,
                 amp=amp, seed=seed, workers=workers, cache=cache, val_split=val_split, device=str(dev),
                 freeze_backbone=freeze_backbone, init_weights=str(init) if init else None, sync_bn=sync_bn,
+                exclude=str(exclude) if exclude else None, split=str(split) if split else None,
             )
             if rho is not None:
                 resolution = resolution_for_rho(rho)
@@ -165,6 +170,7 @@ def _new_run(opts, *, auto_batch, alpha, resolution, activation, dropout, init, 
     with err.status("Loading data…"):
         dataset = data_lib.load(opts.data, resolution=resolution, val_split=opts.val_split, seed=opts.seed)
     _report_ignored(dataset.ignored)
+    dataset = _restrict(dataset, opts)
     dataset = _through_cache(dataset, opts.cache, dev)
     base = start.config if start else Config(alpha=0.5 if alpha is None else alpha, activation=activation or "relu")
     cfg = dataclasses.replace(base, resolution=dataset.preprocess["resolution"], num_classes=len(dataset.classes),
@@ -210,6 +216,21 @@ def _report_ignored(ignored: list[str]) -> None:
 
         err.print(escape(f"Ignored {len(ignored)} file(s) that are not images, e.g. {ignored[0]}"), highlight=False,
                   soft_wrap=True)
+
+
+def _restrict(dataset, opts):
+    """The dataset re-split by --split and without the files --exclude lists, said in a line each."""
+    from mobilenet_fn import data as data_lib
+
+    if opts.split:
+        dataset = data_lib.with_split(dataset, opts.split)
+        err.print(f"Split from {opts.split}: {len(dataset.train)} train, {len(dataset.val)} validation images")
+    if opts.exclude:
+        dataset, dropped = data_lib.exclude(dataset, opts.exclude)
+        unknown = f"; {dropped['unknown']} listed file(s) are not in the data" if dropped["unknown"] else ""
+        err.print(f"Excluded {dropped['train']} training and {dropped['val']} validation image(s) listed in "
+                  f"{opts.exclude}{unknown}", highlight=False, soft_wrap=True)
+    return dataset
 
 
 def _through_cache(dataset, mode: str, dev):
@@ -308,6 +329,7 @@ def _resume(run_dir: Path, epochs: int | None, dev, ctx):
     if list(dataset.classes) != list(ckpt["classes"]):
         raise UserError(f"the data's classes no longer match the run's ({opts.data})")
     _report_ignored(dataset.ignored)
+    dataset = _restrict(dataset, opts)
     dataset = _through_cache(dataset, opts.cache, dev)
     trainer = Trainer(cfg, opts, dataset, dev, dist=ctx)
     trainer.restore(ckpt, best=run.load_best())

@@ -71,6 +71,8 @@ class TrainOptions:
     freeze_backbone: bool = False
     init_weights: str | None = None
     sync_bn: bool = False
+    exclude: str | None = None  # a list of files to leave out (audit's issues.csv, or paths one per line)
+    split: str | None = None  # a split.json (audit --fix-split) that re-splits a folder of class folders
 
     def __post_init__(self):
         problems = []

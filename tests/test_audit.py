@@ -1,0 +1,246 @@
+"""`mobilenet-fn audit` on tiny synthetic folders: planted label errors, copies and leaks are found; the signals
+match plain references; `train --exclude/--split` use what it writes; bad input is one line; the data is never
+touched."""
+
+import csv
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from typer.testing import CliRunner
+
+from mobilenet_fn import audit as audit_lib
+from mobilenet_fn import data as data_lib
+from mobilenet_fn.cli.main import app
+from mobilenet_fn.model import Config, apply, init
+from test_weights import one_line_error
+
+pytest.importorskip("cleanlab")
+runner = CliRunner()
+FAST = ["--alpha", "0.25", "--resolution", "32", "--compile", "off", "--device", "cpu", "--batch-size", "8"]
+CLASSES = ("red", "stripes", "checks")
+PER_CLASS = 40
+
+
+def picture(kind: str, seed: int) -> Image.Image:
+    """A 32 x 32 image of ``kind``: a red field, green horizontal stripes or blue checks, under smooth noise of its
+    own (so that two images of a class are not near-copies of each other)."""
+    g = torch.Generator().manual_seed(seed)
+    noise = F.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=32, mode="bilinear")[0] * 120  # (3, 32, 32)
+    rows, cols = torch.arange(32)[:, None], torch.arange(32)[None, :]
+    base = torch.zeros(3, 32, 32)
+    if kind == "red":
+        base[0] = 200
+    elif kind == "stripes":
+        base[1] = ((rows // 4) % 2 * 200).expand(32, 32)
+    else:
+        base[2] = (((rows // 8 + cols // 8) % 2) * 200).float()
+    x = (base * 0.6 + noise).clamp(0, 255).byte()
+    return Image.fromarray(x.permute(1, 2, 0).numpy())
+
+
+def make_folder(root, *, mislabeled=3):
+    """One folder per class; ``mislabeled`` red pictures filed under stripes; an exact copy and a resized JPEG copy
+    of two checks. Returns the planted files."""
+    for c in CLASSES:
+        (root / c).mkdir(parents=True)
+    for i, c in enumerate(CLASSES):
+        for n in range(PER_CLASS):
+            picture(c, 1000 * i + n).save(root / c / f"{n:03d}.png")
+    wrong = []
+    for n in range(mislabeled):
+        path = root / "stripes" / f"wrong{n}.png"
+        picture("red", 9000 + n).save(path)
+        wrong.append(str(path))
+    exact = root / "checks" / "copy.png"
+    shutil.copyfile(root / "checks" / "000.png", exact)
+    near = root / "checks" / "near.jpg"
+    Image.open(root / "checks" / "001.png").resize((45, 45), Image.BICUBIC).save(near, quality=70)
+    return {"wrong": wrong, "exact": (str(root / "checks" / "000.png"), str(exact)),
+            "near": (str(root / "checks" / "001.png"), str(near))}
+
+
+def listing(root):
+    return sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*"))
+
+
+def rows_of(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory):
+    """A folder audited once by K-fold training (shared by the tests that read the report)."""
+    tmp = tmp_path_factory.mktemp("audit")
+    root = tmp / "data"
+    planted = make_folder(root)
+    before = listing(root)
+    out = tmp / "report"
+    result = runner.invoke(app, ["audit", str(root), *FAST, "--folds", "2", "--epochs", "15", "--lr", "0.05", "--augment", "none",
+                                 "--out", str(out), "--fix-split", "--grad", "full", "--json"])
+    return root, planted, before, out, result
+
+
+def test_audit_finds_planted_label_errors_copies_and_leaks(audited):
+    root, planted, before, out, result = audited
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["images"] == 3 * PER_CLASS + 3 + 2
+    assert report["out_of_sample_top1"] > 0.9
+    rows = rows_of(out / "issues.csv")
+    assert list(rows[0]) == ["file", "given_label", "suggested_label", "kind", "score", "other"]
+    labels = [r for r in rows if r["kind"] == "label"]
+    # Every planted error is flagged, among the first flagged, with red suggested.
+    top = {r["file"]: r for r in labels[:len(planted["wrong"]) + 2]}
+    for path in planted["wrong"]:
+        assert path in top, labels[:6]
+        assert (top[path]["given_label"], top[path]["suggested_label"]) == ("stripes", "red")
+    # The exact copy and the resized JPEG copy are found, paired with their originals.
+    pairs = {frozenset((r["file"], r["other"])): r for r in rows if r["kind"] in ("duplicate", "leak", "conflict")}
+    exact = pairs[frozenset(planted["exact"])]
+    assert float(exact["score"]) == 1.0
+    assert frozenset(planted["near"]) in pairs
+    # No distinct pictures were paired: only the planted copies.
+    assert set(pairs) == {frozenset(planted["exact"]), frozenset(planted["near"])}
+    assert report["exact_duplicate_pairs"] == 1
+    for name in ("report.json", "issues.csv", "signals.csv", "suspects-label.png"):
+        assert (out / name).is_file()
+    assert Image.open(out / "suspects-label.png").size[0] > 100
+    signals = rows_of(out / "signals.csv")
+    assert len(signals) == report["images"]
+    assert {"loss", "margin", "grad_norm", "quality", "outlier"} <= set(signals[0])
+    assert listing(root) == before  # nothing in the data folder was written, moved or touched
+
+
+def test_fix_split_keeps_each_duplicate_group_on_one_side(audited):
+    root, planted, _, out, result = audited
+    assert result.exit_code == 0, result.output
+    split = json.loads((out / "split.json").read_text())
+    val = set(split["val"])
+    for group in (planted["exact"], planted["near"]):
+        sides = {os.path.relpath(p, root) in val for p in group}
+        assert len(sides) == 1, (group, split)
+    # train --split trains with it; train --exclude leaves out exactly the listed files.
+    run = root.parent / "run"
+    trained = runner.invoke(app, ["train", "--data", str(root), *FAST, "--epochs", "1", "--split",
+                                  str(out / "split.json"), "--exclude", str(out / "issues.csv"), "--out", str(run),
+                                  "--cache", "off", "--workers", "0"])
+    assert trained.exit_code == 0, trained.output
+    flagged = {r["file"] for r in rows_of(out / "issues.csv")}
+    recorded = json.loads((run / "split.json").read_text())
+    assert recorded["excluded"]["train"] + recorded["excluded"]["val"] == len(flagged)
+    assert f"Excluded {recorded['excluded']['train']} training and {recorded['excluded']['val']} validation" in \
+        trained.output
+    assert set(recorded["val"]) == val
+    # --weights: the trained model judges every image at once, and the report says that this is biased.
+    quick = runner.invoke(app, ["audit", str(root), "--weights", str(run / "weights.pkl"), "--device", "cpu",
+                                "--out", str(root.parent / "quick"), "--json"])
+    assert quick.exit_code == 0, quick.output
+    assert "biased" in json.loads(quick.stdout.strip().splitlines()[-1])["probabilities"]
+
+
+def test_exclude_counts_and_refuses_a_list_of_strangers(tmp_path):
+    root = tmp_path / "data"
+    make_folder(root, mislabeled=0)
+    dataset = data_lib.load(str(root), resolution=32)
+    names = [p for p, _ in dataset.train.samples][:4] + [p for p, _ in dataset.val.samples][:1]
+    (tmp_path / "list.txt").write_text("# dropped by hand\n" + "\n".join(names) + "\n/elsewhere/x.png\n")
+    kept, dropped = data_lib.exclude(dataset, tmp_path / "list.txt")
+    assert dropped == {"train": 4, "val": 1, "unknown": 1}
+    assert len(kept.train) == len(dataset.train) - 4 and len(kept.val) == len(dataset.val) - 1
+    assert not set(names) & {p for p, _ in kept.train.samples + kept.val.samples}
+    (tmp_path / "strangers.txt").write_text("/elsewhere/x.png\n")
+    one_line_error(runner.invoke(app, ["train", "--data", str(root), *FAST, "--epochs", "1", "--exclude",
+                                       str(tmp_path / "strangers.txt"), "--out", str(tmp_path / "run")]),
+                   "names none of")
+    assert not (tmp_path / "run").exists()
+
+
+def test_fashion_mnist_names_exclude_by_index():
+    if not data_lib._fashion_mnist_files(data_lib.Path(data_lib.FASHION_MNIST_DIRS[0])):
+        pytest.skip("Fashion-MNIST is not installed")
+    dataset = data_lib.load("fashion-mnist")
+    train_names, val_names = data_lib.item_names(dataset)
+    assert len(train_names) == 55_000 and len(val_names) == 5_000
+    i = int(train_names[7].rsplit("/", 1)[1])
+    full = data_lib.fashion_mnist_arrays()[0]["train_images"]
+    assert torch.equal(dataset.train.images[7, 0], full[i])  # the name points at the very image
+
+
+def test_grad_norm_matches_a_plain_autograd_loop():
+    cfg = Config(alpha=0.25, resolution=32, num_classes=5)
+    params, state = init(cfg, torch.Generator().manual_seed(0))
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 1, 4])
+    leaves = torch.utils._pytree.tree_leaves(params)
+    expected_full, expected_head = [], []
+    for i in range(len(y)):
+        p = torch.utils._pytree.tree_map(lambda t: t.detach().clone().requires_grad_(True), params)
+        loss = F.cross_entropy(apply(cfg, p, state, x[i:i + 1], train=False)[0], y[i:i + 1])
+        grads = torch.autograd.grad(loss, torch.utils._pytree.tree_leaves(p))
+        expected_full.append(torch.stack([g.pow(2).sum() for g in grads]).sum().sqrt())
+        fc = [g for g, leaf in zip(grads, leaves) if leaf is params["fc"]["weight"] or leaf is params["fc"]["bias"]]
+        expected_head.append(torch.stack([g.pow(2).sum() for g in fc]).sum().sqrt())
+    full = audit_lib.per_sample_grad_norms(cfg, params, state, x, y, "full")
+    head = audit_lib.per_sample_grad_norms(cfg, params, state, x, y, "head")
+    torch.testing.assert_close(full, torch.stack(expected_full), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(head, torch.stack(expected_head), rtol=1e-4, atol=1e-6)
+
+
+def test_similar_pairs_in_blocks_match_brute_force():
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(50, 8, generator=g, dtype=torch.float64)
+    e[10] = e[3] + 0.01 * torch.randn(8, generator=g, dtype=torch.float64)  # a near copy
+    e[40] = e[3]
+    e = F.normalize(e, dim=1)
+    sims = e @ e.T
+    brute = {(i, j) for i in range(50) for j in range(i + 1, 50) if sims[i, j] >= 0.6}
+    for block_floats in (50, 7 * 50, 1 << 24):  # one row at a time, uneven blocks, all at once
+        found = audit_lib.similar_pairs(e, 0.6, block_floats=block_floats)
+        assert {tuple(p) for p in found.tolist()} == brute
+    assert (3, 10) in brute and (3, 40) in brute
+    groups = audit_lib.groups_of(50, audit_lib.similar_pairs(e, 0.99))
+    assert groups[3] == groups[10] == groups[40] and len(set(groups.tolist())) == 48
+
+
+def test_bad_input_is_one_line_and_nothing_is_written(tmp_path):
+    root = tmp_path / "data"
+    make_folder(root, mislabeled=0)
+    (root / "empty").mkdir()
+    before = listing(root)
+    one_line_error(runner.invoke(app, ["audit", str(root), *FAST, "--out", str(tmp_path / "a")]), "no images", "empty")
+    shutil.rmtree(root / "empty")
+    one_line_error(runner.invoke(app, ["audit", str(tmp_path / "missing"), *FAST, "--out", str(tmp_path / "b")]),
+                   "no such folder")
+    one_line_error(runner.invoke(app, ["audit", str(root), *FAST, "--out", str(root / "report")]),
+                   "inside the data folder")
+    one = tmp_path / "one"
+    (one / "red").mkdir(parents=True)
+    picture("red", 1).save(one / "red" / "a.png")
+    one_line_error(runner.invoke(app, ["audit", str(one), *FAST, "--out", str(tmp_path / "c")]), "need at least 2")
+    one_line_error(runner.invoke(app, ["audit", str(root), *FAST, "--folds", "1", "--out", str(tmp_path / "d")]),
+                   "--folds")
+    assert not any((tmp_path / n).exists() for n in "abcd")
+    assert listing(root) == [entry for entry in before if "empty" not in entry[0]]
+
+
+def test_unreadable_files_are_listed_and_skipped(tmp_path):
+    root = tmp_path / "data"
+    make_folder(root, mislabeled=0)
+    (root / "red" / "broken.png").write_bytes(b"not a png")
+    (root / "red" / "notes.txt").write_text("not an image")
+    before = listing(root)
+    out = tmp_path / "report"
+    result = runner.invoke(app, ["audit", str(root), *FAST, "--folds", "2", "--epochs", "1", "--grad", "off",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert [s.split(":")[0] for s in report["skipped"]] == [str(root / "red" / "broken.png")]
+    assert report["ignored"] == [str(root / "red" / "notes.txt")]
+    assert "broken.png" in result.output
+    assert listing(root) == before
+    assert runner.invoke(app, ["audit", str(root), *FAST, "--out", str(out)]).exit_code == 2  # never replaced
