@@ -45,7 +45,7 @@ def colour_folders(root, per_class=40, seed=0):
 
 @pytest.fixture(scope="module")
 def colours(tmp_path_factory):
-    """(data folder, weights): α 0.25 at 32 px, trained for 10 full-batch steps on the training part of the colour
+    """(data folder, weights): α 0.25 at 32 px, trained for 30 full-batch steps on the training part of the colour
     folders (what ``quantize --calibrate`` draws from), then BatchNorm's running statistics set to those of that
     part (one pass in training mode with momentum 1), so that its predictions mean something: 100 % on the rest."""
     from mobilenet_fn.data import batches
@@ -61,7 +61,7 @@ def colours(tmp_path_factory):
     optimizer = sgd(momentum=0.9, nesterov=True)
     params, state, opt_state = initial_state(cfg, optimizer, "cpu", seed=0)
     step = build_step(cfg, optimizer, device_policy(torch.device("cpu"), compile="off", amp="off"))
-    for _ in range(10):
+    for _ in range(30):
         params, state, opt_state, _ = step(params, state, opt_state, (train.x, train.y), torch.tensor(0.1))
     _, state = apply(cfg.replace(bn_momentum=1.0), params, state, train.x, train=True)
     return root, Weights(cfg, params, state, ds.classes, pre)
