@@ -64,6 +64,9 @@ def train(
     weight_decay: Annotated[float, Opt(help="On conv, pointwise and classifier weights only (paper §4).")] = 4e-5,
     label_smoothing: Annotated[float, Opt(help="Label smoothing of the cross-entropy.")] = 0.1,
     augment: Annotated[str, Opt(help="crop-flip (random resized crop + flip) or none.")] = "crop-flip",
+    crop_scale: Annotated[float, Opt(help="The least share of the image's area a random crop holds (timm's "
+                                          "--scale lower bound); small images such as Fashion-MNIST's want more.")
+                          ] = 0.25,
     auto_augment: Annotated[str, Opt(help="Automatic augmentation per image: trivial (TrivialAugment-Wide) or "
                                           "none.")] = "none",
     reprob: Annotated[float, Opt(help="Random erasing: the probability that an image gets a box of noise.")] = 0.0,
@@ -124,8 +127,8 @@ def train(
             opts = TrainOptions(
                 data=data, epochs=15 if epochs is None else epochs, batch_size=_batch_size(batch_size, dev), lr=lr,
                 optimizer=optimizer, schedule=schedule, warmup_epochs=warmup_epochs, weight_decay=weight_decay,
-                label_smoothing=label_smoothing, augment=augment, auto_augment=auto_augment, reprob=reprob,
-                mixup=mixup, cutmix=cutmix, ema=ema, ema_warmup=ema_warmup, clip_grad=clip_grad,
+                label_smoothing=label_smoothing, augment=augment, crop_scale=crop_scale, auto_augment=auto_augment,
+                reprob=reprob, mixup=mixup, cutmix=cutmix, ema=ema, ema_warmup=ema_warmup, clip_grad=clip_grad,
                 compile=compile, channels_last=channels_last,
                 amp=amp, seed=seed, workers=workers, cache=cache, val_split=val_split, device=str(dev),
                 freeze_backbone=freeze_backbone, init_weights=str(init) if init else None, sync_bn=sync_bn,

@@ -34,12 +34,14 @@ CUTMIX_SWITCH = 0.5  # with both on, the share of images that get cutmix rather 
 
 @dataclass(frozen=True)
 class Augment:
-    """What is done to a training batch. ``crop_flip``: random resized crop and horizontal flip;
+    """What is done to a training batch. ``crop_flip``: random resized crop and horizontal flip; ``crop_scale``:
+    the least share of the image's area a crop holds (timm's ``--scale`` lower bound; the upper is 1);
     ``auto_augment``: "trivial" (TrivialAugment-Wide, Müller & Hutter 2021) or "none"; ``reprob``: the probability
     that an image gets a random-erasing box of normal noise (timm's mode "pixel"); ``mixup``, ``cutmix``: the alpha
     of the Beta distribution each image's mixing weight is drawn from (0: off)."""
 
     crop_flip: bool = True
+    crop_scale: float = CROP_SCALE[0]
     auto_augment: str = "none"
     reprob: float = 0.0
     mixup: float = 0.0
@@ -54,11 +56,13 @@ class Augment:
 # Random resized crop and flip
 
 
-def random_resized_crop(x: torch.Tensor, size: int, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
-    """Per-image random resized crop (and horizontal flip) of a (N, C, H, W) float batch, as one grid_sample."""
+def random_resized_crop(x: torch.Tensor, size: int, generator: torch.Generator, flip: bool = True,
+                        scale: tuple[float, float] = CROP_SCALE) -> torch.Tensor:
+    """Per-image random resized crop (and horizontal flip) of a (N, C, H, W) float batch, as one grid_sample: each
+    crop holds a share of the area drawn from ``scale``."""
     n = x.shape[0]
     dev = x.device
-    area = torch.empty(n, device=dev).uniform_(*CROP_SCALE, generator=generator)
+    area = torch.empty(n, device=dev).uniform_(*scale, generator=generator)
     log_ratio = torch.empty(n, device=dev).uniform_(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]),
                                                     generator=generator)
     ratio = log_ratio.exp()
@@ -305,7 +309,7 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, preprocess: dict, spec: Augm
     per-image part (crop, flip, auto-augment) was done already, by torchvision in the loader's workers."""
     x = x.to(torch.get_default_dtype()).div_(255)
     if on_device and spec.crop_flip:
-        x = random_resized_crop(x, preprocess["resolution"], generator)
+        x = random_resized_crop(x, preprocess["resolution"], generator, scale=(spec.crop_scale, 1.0))
     if on_device and spec.auto_augment == "trivial":
         x = trivial_augment(x, generator)
     x = model_input(x, preprocess)

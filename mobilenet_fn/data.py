@@ -388,8 +388,8 @@ def relabel(source: Source, names: list[str], classes: list[str], data: str) -> 
 
 def train_short_side(resolution: int) -> int:
     """The least short side an image needs for the random resized crop never to enlarge it: a crop holds at least
-    CROP_SCALE[0] of the area at an aspect ratio of at most 4/3, so its shorter side is at least
-    sqrt(0.25 * 3/4) = 0.43 of the image's short side."""
+    CROP_SCALE[0] of the area (the default ``--crop-scale``; a smaller one may enlarge a little) at an aspect ratio
+    of at most 4/3, so its shorter side is at least sqrt(0.25 * 3/4) = 0.43 of the image's short side."""
     return math.ceil(resolution / math.sqrt(CROP_SCALE[0] * CROP_RATIO[0]))
 
 
@@ -400,7 +400,7 @@ def _train_transform(preprocess: dict, spec: Augment):
 
     steps = []
     if spec.crop_flip:
-        steps += [v2.RandomResizedCrop(preprocess["resolution"], scale=CROP_SCALE, ratio=CROP_RATIO,
+        steps += [v2.RandomResizedCrop(preprocess["resolution"], scale=(spec.crop_scale, 1.0), ratio=CROP_RATIO,
                                        interpolation=interpolation_mode(preprocess), antialias=True),
                   v2.RandomHorizontalFlip()]
     if spec.auto_augment == "trivial":

@@ -17,7 +17,7 @@ import torch
 
 from . import data as data_lib
 from . import distributed
-from .augment import AUTO_AUGMENTS, Augment
+from .augment import AUTO_AUGMENTS, CROP_SCALE, Augment
 from .cache import MODES as CACHE_MODES
 from .evaluate import evaluate
 from .model import Config
@@ -34,7 +34,7 @@ CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "augment": ("crop-fli
            "auto_augment": AUTO_AUGMENTS}
 
 # Options added after the first checkpoints were written, with the values that reproduce those runs on --resume.
-OLDER_RUNS = {"cache": "off", "ema": 0.0, "ema_warmup": True, "auto_augment": "none", "reprob": 0.0, "mixup": 0.0,
+OLDER_RUNS = {"cache": "off", "crop_scale": CROP_SCALE[0], "ema": 0.0, "ema_warmup": True, "auto_augment": "none", "reprob": 0.0, "mixup": 0.0,
               "cutmix": 0.0, "clip_grad": 0.0, "exclude": None, "split": None}
 
 
@@ -53,6 +53,7 @@ class TrainOptions:
     momentum: float = 0.9
     label_smoothing: float = 0.1
     augment: str = "crop-flip"  # or "none"
+    crop_scale: float = CROP_SCALE[0]  # the least share of the image's area a random crop holds
     auto_augment: str = "none"  # or "trivial" (TrivialAugment-Wide)
     reprob: float = 0.0  # random erasing probability
     mixup: float = 0.0  # Beta alpha of mixup (0: off)
@@ -90,6 +91,8 @@ class TrainOptions:
             problems.append(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 < self.crop_scale <= 1:
+            problems.append(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
         if not 0 <= self.reprob <= 1:
             problems.append(f"--reprob must be in [0, 1], got {self.reprob}")
         for name in ("mixup", "cutmix", "clip_grad"):
@@ -107,9 +110,9 @@ class TrainOptions:
     @property
     def augmentation(self) -> Augment | None:
         """What is done to the training batches (None: nothing)."""
-        spec = Augment(crop_flip=self.augment != "none", auto_augment=self.auto_augment, reprob=self.reprob,
-                       mixup=self.mixup, cutmix=self.cutmix)
-        return None if spec == Augment(crop_flip=False) else spec
+        spec = Augment(crop_flip=self.augment != "none", crop_scale=self.crop_scale, auto_augment=self.auto_augment,
+                       reprob=self.reprob, mixup=self.mixup, cutmix=self.cutmix)
+        return None if spec == Augment(crop_flip=False, crop_scale=self.crop_scale) else spec
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -153,6 +153,26 @@ def test_the_random_resized_crop_flips_half_the_images():
     assert 0.4 < increasing < 0.6
 
 
+def _crop_areas(scale: tuple[float, float], n: int = 2000) -> torch.Tensor:
+    """The share of the image each random resized crop holds, read off a ramp image: bilinear sampling of a ramp is
+    exact, so the first and last output columns (rows) give where the crop's sides lie."""
+    side, size = 256, 8
+    ramp = (torch.arange(side) * 2 + 1) / side - 1  # each pixel's centre in grid_sample's [-1, 1]
+    x = torch.stack([ramp.expand(side, side), ramp[:, None].expand(side, side)])[None].expand(n, 2, side, side)
+    out = A.random_resized_crop(x, size, torch.Generator().manual_seed(0), flip=False, scale=scale)
+    span = 2 * (size - 1) / size  # from the first to the last sample, in units of the crop's side
+    w = (out[:, 0, 0, -1] - out[:, 0, 0, 0]) / span
+    h = (out[:, 1, -1, 0] - out[:, 1, 0, 0]) / span
+    return w * h
+
+
+def test_the_random_resized_crop_holds_at_least_its_scale_of_the_area():
+    wide = _crop_areas((0.25, 1.0))
+    assert wide.min() >= 0.25 - 1e-3 and wide.max() <= 1 + 1e-3 and wide.min() < 0.3
+    mild = _crop_areas((0.6, 1.0))
+    assert mild.min() >= 0.6 - 1e-3 and mild.mean() > wide.mean() + 0.1
+
+
 def test_augment_batch_is_seeded_keeps_shapes_and_normalises():
     pre = {"resolution": 16, "resize": 16, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bilinear"}
     x = (torch.rand(8, 1, 20, 20) * 255).to(torch.uint8)

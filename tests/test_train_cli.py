@@ -90,12 +90,13 @@ def test_with_ema_validation_best_ckpt_and_weights_use_the_average(tmp_path):
 def test_a_config_file_sets_options_and_flags_override_it(tmp_path):
     recipe = tmp_path / "recipe.toml"
     recipe.write_text('epochs = 1\nlabel-smoothing = 0.0\nreprob = 0.25\nema = 0.5\nbatch_size = 100\n'
-                      'lr = 0.3\n')
+                      'lr = 0.3\ncrop-scale = 0.6\n')
     result = train("--config", recipe, "--lr", "0.02", "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     opts = config["train"]
     assert (opts["epochs"], opts["label_smoothing"], opts["reprob"], opts["ema"]) == (1, 0.0, 0.25, 0.5)
+    assert opts["crop_scale"] == 0.6
     assert opts["lr"] == 0.02 and opts["batch_size"] == 128  # given as flags (FAST has --batch-size 128)
     assert config["recipe"] == str(recipe)
 
@@ -105,6 +106,7 @@ def test_a_config_file_sets_options_and_flags_override_it(tmp_path):
     ("epochs = [1, 2]\n", "epochs must be a single value"),
     ("epochs = \n", "not valid TOML"),
     ("reprob = 2.0\n", "--reprob must be in [0, 1]"),
+    ("crop-scale = 0\n", "--crop-scale must be in (0, 1]"),
     ("auto-augment = \"rand\"\n", "--auto-augment must be one of none, trivial"),
 ])
 def test_a_bad_config_file_is_one_line_exit_2(tmp_path, text, message):
