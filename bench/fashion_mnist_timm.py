@@ -2,6 +2,9 @@
 
     .venv/bin/python bench/fashion_mnist_timm.py [--epochs 20] [--alpha 0.5] [--batch-size 128] [--lr 0.1]
                                                  [--out summary.json] [--ours RUN_DIR]
+    .venv/bin/python bench/fashion_mnist_timm.py --config recipes/fashion-mnist-cpu.toml [--epochs 8]
+
+(``--config`` takes a ``mobilenet-fn train`` recipe file; flags override it, as there.)
 
 The counterpart of
 
@@ -9,7 +12,7 @@ The counterpart of
 
 with everything but the model code held the same: the data and its split (``mobilenet_fn.data.load``), the batches
 and their augmentation (``mobilenet_fn.data.batches`` with the seed and epoch the Trainer passes, so the same
-random resized crops and flips in the same order), 32 px, channels-last, the cosine schedule with one warmup epoch
+random resized crops (``--crop-scale``) and flips in the same order), 32 px, channels-last, the cosine schedule with one warmup epoch
 (``mobilenet_fn.optim.make_schedule``, set per step), SGD with Nesterov momentum 0.9, weight decay 4e-5 on full
 convolutions, pointwise and classifier weights only (not depthwise filters, BatchNorm or biases, as
 ``optim.decay_mask``), label smoothing 0.1, validation after every epoch (BatchNorm in eval), and the test set
@@ -39,6 +42,7 @@ import json
 import platform
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import torch
@@ -99,8 +103,22 @@ def ours_summary(run_dir: Path) -> dict | None:
             "best_epoch": best["epoch"], "test_top1": rows[-1].get("test_top1")}
 
 
+FIXED_BY_THIS_SCRIPT = {"data": "fashion-mnist", "optimizer": "sgd", "schedule": "cosine"}
+
+
+def recipe_defaults(path: Path, parser: argparse.ArgumentParser) -> dict:
+    """A ``mobilenet-fn train`` recipe file's options as this script's defaults; exits on one it cannot follow."""
+    recipe = {key.replace("-", "_"): value for key, value in tomllib.loads(path.read_text()).items()}
+    known = {action.dest for action in parser._actions}
+    for key, value in recipe.items():
+        if FIXED_BY_THIS_SCRIPT.get(key, value) != value or (key not in known and key not in FIXED_BY_THIS_SCRIPT):
+            sys.exit(f"{path}: {key} = {value!r} is not something this script can run")
+    return {key: value for key, value in recipe.items() if key in known}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", type=Path, default=None, help="a mobilenet-fn train recipe (.toml)")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--batch-size", type=int, default=128)
@@ -112,6 +130,7 @@ def main(argv=None) -> None:
     p.add_argument("--activation", default="relu", choices=("relu", "relu6"))
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--ema", type=float, default=0.0, help="ModelEmaV3 decay (0: off)")
+    p.add_argument("--crop-scale", type=float, default=0.25)
     p.add_argument("--reprob", type=float, default=0.0)
     p.add_argument("--mixup", type=float, default=0.0)
     p.add_argument("--cutmix", type=float, default=0.0)
@@ -124,6 +143,9 @@ def main(argv=None) -> None:
     p.add_argument("--limit-batches", type=int, default=0, help="smoke test: stop each epoch after this many")
     p.add_argument("--out", type=Path, default=None, help="write a JSON summary here")
     p.add_argument("--ours", type=Path, default=None, help="a mobilenet-fn run folder to compare with")
+    config = p.parse_known_args(argv)[0].config
+    if config is not None:
+        p.set_defaults(**recipe_defaults(config, p))
     args = p.parse_args(argv)
 
     import timm
@@ -151,7 +173,7 @@ def main(argv=None) -> None:
     mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, mode="elem", label_smoothing=args.label_smoothing,
                   num_classes=len(dataset.classes)) if args.mixup or args.cutmix else None
     soft_loss = SoftTargetCrossEntropy()
-    spec = Augment(auto_augment=args.auto_augment)
+    spec = Augment(crop_scale=args.crop_scale, auto_augment=args.auto_augment)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.amp == "bf16"
                 else torch.autocast(device.type, enabled=False))
     n_decay = sum(p.numel() for p in groups[0]["params"])
