@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -506,6 +507,17 @@ def _pinned_gathers(source: TensorSource, items: list[torch.Tensor], device: tor
         ready = following
 
 
+def made_ahead(batches: Iterator[Batch]) -> Iterator[Batch]:
+    """``batches``, each made in a background thread while the caller uses the one before: on the CPU the
+    augmentation of batch i + 1 runs during the step on batch i (torch's ops release the GIL). Each batch draws
+    from its own generator, so the batches are the same as made in line."""
+    with ThreadPoolExecutor(1, thread_name_prefix="mobilenet-fn-batches") as pool:
+        following = pool.submit(next, batches, None)
+        while (batch := following.result()) is not None:
+            following = pool.submit(next, batches, None)
+            yield batch
+
+
 def batches(
     source: Source, preprocess: dict, *, batch_size: int, train: bool, augment: Augment | None = Augment(),
     num_classes: int | None = None, device="cpu", seed: int = 0, epoch: int = 0, start: int = 0,
@@ -552,8 +564,8 @@ def batches(
             idx = idx.to(device)
         items = [idx[i * batch_size: (i + 1) * batch_size] for i in range(start, n_batches)]
         gathered = _pinned_gathers(source, items, device) if streamed else map(source.gather, items)
-        for i, (x, y) in enumerate(gathered, start=start):
-            yield finish(x, y, i, [])
+        made = (finish(x, y, i, []) for i, (x, y) in enumerate(gathered, start=start))
+        yield from made_ahead(made) if device.type == "cpu" and augment is not None else made
         return
 
     items = [(k, *source.samples[k]) for k in idx[start * batch_size: n_batches * batch_size].tolist()]

@@ -189,3 +189,52 @@ def test_augment_batch_is_seeded_keeps_shapes_and_normalises():
     assert torch.equal(labels, y)
     torch.testing.assert_close(plain[:, 0] * 0.25 + 0.5, small[:, 0].float() / 255, atol=1e-6, rtol=0)
     assert math.isfinite(a[0].abs().max().item())
+
+
+def test_batches_made_ahead_in_a_thread_are_the_batches_made_in_line(monkeypatch):
+    from mobilenet_fn import data as D
+
+    images = (torch.rand(40, 1, 20, 20, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    source = D.TensorSource(images, torch.arange(40) % 4)
+    pre = {"resolution": 16, "resize": 16, "crop_pct": 1.0, "mean": [0.5] * 3, "std": [0.25] * 3,
+           "interpolation": "bilinear"}
+    spec = A.Augment(auto_augment="trivial", reprob=0.5, mixup=0.2, cutmix=1.0)
+
+    def epoch(start=0):
+        return [(b.x, b.y) for b in D.batches(source, pre, batch_size=8, train=True, augment=spec, num_classes=4,
+                                               seed=3, epoch=1, start=start)]
+
+    ahead = epoch()
+    threads = []
+    real = D.made_ahead
+    monkeypatch.setattr(D, "made_ahead", lambda made: threads.append(1) or real(made))
+    assert len(epoch(start=2)) == 3 and threads == [1]  # the path under test made them ahead
+    monkeypatch.setattr(D, "made_ahead", lambda made: made)
+    in_line = epoch()
+    assert len(ahead) == len(in_line) == 5
+    for (xa, ya), (xb, yb) in zip(ahead, in_line):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_made_ahead_keeps_the_order_passes_errors_on_and_stops_when_the_caller_does():
+    from mobilenet_fn.data import made_ahead
+
+    assert list(made_ahead(iter(range(5)))) == [0, 1, 2, 3, 4]
+    produced = []
+
+    def numbers():
+        for k in range(100):
+            produced.append(k)
+            yield k
+
+    taken = made_ahead(numbers())
+    assert [next(taken) for _ in range(3)] == [0, 1, 2]
+    taken.close()
+    assert len(produced) <= 4  # at most one made ahead of what was taken
+
+    def failing():
+        yield 1
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(made_ahead(failing()))
