@@ -73,14 +73,23 @@ def conv_apply(params: Tree, x: torch.Tensor, *, stride: int = 1, padding: str =
     return F.conv2d(x, weight, params.get("bias"), stride=stride, padding=pad)
 
 
-# Training in bf16 on the CPU (autocast; oneDNN with AVX-512 BF16 and AMX, torch 2.14): oneDNN's bf16 depthwise
-# convolution ran its backward up to 37x as long as float32's (stride 2; 5x on 2 x 2 maps), and a bf16 step at
-# 32 px ran at 0.4x the float32 step. Depthwise layers (3 % of the multiply-adds, bound by memory) run in float32
-# when a backward will follow; the rest runs in bf16. Keeping the stride-1 ones in bf16 measured slower on two
-# threads (Fashion-MNIST recipe: 3,800 img/s against 4,900). The forward alone is fast in bf16 and stays so.
+# Training in bf16 on the CPU (autocast; oneDNN with AVX-512 BF16, with and without AMX, torch 2.14): oneDNN's
+# bf16 depthwise convolution ran its forward and backward 3-48x as long as float32's with stride 2 (at every map
+# size), and 4-5x on maps of 2 x 2 and 1 x 1; with stride 1 on maps of 8 x 8 and more it took 0.43-0.96x float32's
+# (AMD EPYC, two threads, bench in the README). Those run in bf16; every other depthwise layer that a backward will
+# follow runs in float32. (All of them in float32, a bf16 step at 32 px ran at 0.4x the float32 step; all stride-1
+# ones in bf16, including the small maps, the Fashion-MNIST recipe slowed from 4,900 to 3,800 img/s.)
+BF16_DEPTHWISE_MIN_PIXELS = 64
+
+
 def _cpu_bf16_training(x: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu")
             and torch.is_grad_enabled())
+
+
+def _depthwise_in_float32(x: torch.Tensor, stride: int) -> bool:
+    """Whether a depthwise layer on ``x`` runs in float32 inside a CPU bf16 training step (see above)."""
+    return _cpu_bf16_training(x) and (stride > 1 or x.shape[-2] * x.shape[-1] < BF16_DEPTHWISE_MIN_PIXELS)
 
 
 def depthwise_init(channels: int, kernel: int = 3, generator: torch.Generator | None = None) -> Tree:
@@ -99,8 +108,9 @@ def depthwise_apply(params: Tree, x: torch.Tensor, *, stride: int = 1, padding: 
         weight = _ohwi_as_oihw(rearrange(w, "c kh kw -> c kh kw 1"))
     else:
         weight = rearrange(w, "c kh kw -> c 1 kh kw")
+    in_float32 = _depthwise_in_float32(x, stride)
     x, pad = _pad(x, kernel, stride, padding)
-    if _cpu_bf16_training(x):  # see _cpu_bf16_training
+    if in_float32:
         with torch.autocast("cpu", enabled=False):
             return F.conv2d(x.float(), weight, bias, stride=stride, padding=pad, groups=weight.shape[0])
     return F.conv2d(x, weight, bias, stride=stride, padding=pad, groups=weight.shape[0])

@@ -13,6 +13,7 @@ from conftest import randomize_batchnorm
 from mobilenet_fn import Config, init
 from mobilenet_fn import step as step_lib
 from mobilenet_fn.importers import from_timm
+from mobilenet_fn.layers import BF16_DEPTHWISE_MIN_PIXELS, depthwise_apply, depthwise_init
 from mobilenet_fn.optim import Optimizer, sgd
 from mobilenet_fn.step import compile_step, device_policy, make_step, precision
 
@@ -57,12 +58,29 @@ def test_amp_auto_is_bf16_on_a_cpu_with_native_bf16_and_float32_on_one_without(m
     assert precision("auto", torch.device("mps")) == ("float32", "no bf16 autocast on mps")
 
 
-def float32_forward(forward):
+def depthwise_as_ours(conv):
+    """``conv.forward`` with the precision rule of ``layers.depthwise_apply`` in a CPU bf16 training step: float32
+    with stride 2 or on maps under BF16_DEPTHWISE_MIN_PIXELS, autocast's bf16 otherwise."""
+    forward = conv.forward
+
     def run(x):
+        if conv.stride[0] == 1 and x.shape[-2] * x.shape[-1] >= BF16_DEPTHWISE_MIN_PIXELS:
+            return forward(x)
         with torch.autocast("cpu", enabled=False):
             return forward(x.float())
 
     return run
+
+
+@pytest.mark.parametrize("stride, side, dtype", [(2, 16, torch.float32), (1, 8, torch.bfloat16),
+                                                 (1, 4, torch.float32), (1, 1, torch.bfloat16)])
+def test_a_bf16_training_step_runs_strided_and_small_depthwise_layers_in_float32(stride, side, dtype):
+    params = depthwise_init(16, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 16, side, side).bfloat16().contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert depthwise_apply(params, x, stride=stride).dtype == dtype  # 1 x 1: the centre tap, in x's dtype
+        with torch.no_grad():  # no backward follows: bf16 everywhere
+            assert depthwise_apply(params, x, stride=stride).dtype == torch.bfloat16
 
 
 def test_the_bf16_step_matches_timm_under_the_same_precision_and_keeps_batchnorm_loss_and_optimizer_in_float32():
@@ -80,9 +98,9 @@ def test_the_bf16_step_matches_timm_under_the_same_precision_and_keeps_batchnorm
     for tree in (new_params, new_state, opt_state, metrics["loss"]):
         assert {t.dtype for t in tree_leaves(tree) if t.is_floating_point()} == {torch.float32}
 
-    for conv in model.modules():  # the reference: timm the ordinary way, same autocast and float32 depthwise
+    for conv in model.modules():  # the reference: timm the ordinary way, same autocast and depthwise precisions
         if isinstance(conv, torch.nn.Conv2d) and conv.groups > 1:
-            conv.forward = float32_forward(conv.forward)
+            conv.forward = depthwise_as_ours(conv)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(x)
     loss = F.cross_entropy(logits.float(), y)
