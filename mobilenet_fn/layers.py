@@ -76,9 +76,9 @@ def conv_apply(params: Tree, x: torch.Tensor, *, stride: int = 1, padding: str =
 # Training in bf16 on the CPU (autocast; oneDNN with AVX-512 BF16, with and without AMX, torch 2.14): oneDNN's
 # bf16 depthwise convolution ran its forward and backward 3-48x as long as float32's with stride 2 (at every map
 # size), and 4-5x on maps of 2 x 2 and 1 x 1; with stride 1 on maps of 8 x 8 and more it took 0.43-0.96x float32's
-# (AMD EPYC, two threads, bench in the README). Those run in bf16; every other depthwise layer that a backward will
-# follow runs in float32. (All of them in float32, a bf16 step at 32 px ran at 0.4x the float32 step; all stride-1
-# ones in bf16, including the small maps, the Fashion-MNIST recipe slowed from 4,900 to 3,800 img/s.)
+# (AMD EPYC, two threads; bench/depthwise_bf16.py). Those run in bf16; every other depthwise layer that a backward
+# will follow runs in float32. (With all of them in bf16, a bf16 step at 32 px ran at 0.4x the float32 step; with
+# all stride-1 ones in bf16, small maps included, the Fashion-MNIST recipe slowed from 4,900 to 3,800 img/s.)
 BF16_DEPTHWISE_MIN_PIXELS = 64
 
 
