@@ -12,12 +12,12 @@ The counterpart of
 
 with everything but the model code held the same: the data and its split (``mobilenet_fn.data.load``), the batches
 and their augmentation (``mobilenet_fn.data.batches`` with the seed and epoch the Trainer passes, so the same
-random resized crops (``--crop-scale``) and flips in the same order), 32 px, channels-last, the cosine schedule with one warmup epoch
-(``mobilenet_fn.optim.make_schedule``, set per step), SGD with Nesterov momentum 0.9, weight decay 4e-5 on full
-convolutions, pointwise and classifier weights only (not depthwise filters, BatchNorm or biases, as
-``optim.decay_mask``), label smoothing 0.1, validation after every epoch (BatchNorm in eval), and the test set
-once at the end with the weights of the best validation epoch (best top-1, then lowest loss, as the Trainer
-picks). timm is used the ordinary way: an ``nn.Module`` with timm's own initialisation, ``loss.backward()`` and
+random resized crops (``--crop-scale``) and flips in the same order), 32 px, channels-last, the cosine schedule
+with one warmup epoch (``mobilenet_fn.optim.make_schedule``, set per step), SGD with Nesterov momentum 0.9, weight
+decay 4e-5 on full convolutions, pointwise and classifier weights only (not depthwise filters, BatchNorm or
+biases, as ``optim.decay_mask``), label smoothing 0.1, validation after every epoch (BatchNorm in eval), and the
+test set once at the end with the weights of the best validation epoch (best top-1, then lowest loss, as the
+Trainer picks). timm is used the ordinary way: an ``nn.Module`` with timm's own initialisation, ``loss.backward()`` and
 ``torch.optim.SGD``, eager. The activation is set to plain ReLU (timm's MobileNet v1 defaults to ReLU6; ours
 to ReLU).
 
@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from mobilenet_fn import data as data_lib
-from mobilenet_fn.augment import Augment
+from mobilenet_fn.augment import CROP_SCALE, Augment
 from mobilenet_fn.optim import make_schedule
 
 
@@ -130,7 +130,7 @@ def main(argv=None) -> None:
     p.add_argument("--activation", default="relu", choices=("relu", "relu6"))
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--ema", type=float, default=0.0, help="ModelEmaV3 decay (0: off)")
-    p.add_argument("--crop-scale", type=float, default=0.25)
+    p.add_argument("--crop-scale", type=float, default=CROP_SCALE[0])
     p.add_argument("--reprob", type=float, default=0.0)
     p.add_argument("--mixup", type=float, default=0.0)
     p.add_argument("--cutmix", type=float, default=0.0)

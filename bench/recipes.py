@@ -1,6 +1,6 @@
 """Runs a recipe with each ingredient removed in turn, and plots validation top-1 against wall time.
 
-    python bench/recipes.py ablate recipes/fashion-mnist-cpu.toml --epochs 8 --out /tmp/ablation [--parallel 2]
+    python bench/recipes.py ablate recipes/fashion-mnist-cpu.toml --epochs 6 --out /tmp/ablation [--parallel 2]
                                    [--timm]
     python bench/recipes.py plot RUN_DIR [RUN_DIR ...] -o docs/recipes.png
     python bench/recipes.py table RUN_DIR [RUN_DIR ...]
@@ -10,9 +10,9 @@ auto-augment; its crop scale and resolution replaced by the defaults) and once w
 auto-augment it does not use (timm's usual settings), each with ``mobilenet-fn train --config RECIPE`` plus the
 flags that change one ingredient, and prints a table: wall time (compilation included), best validation top-1,
 and test top-1 of the best validation epoch's weights. ``--timm`` adds the recipe trained by timm's MobileNet v1
-(``bench/fashion_mnist_timm.py --config RECIPE --amp bf16``, the precision our auto picks on a CPU with bf16). With ``--parallel 2`` two
-runs share the machine, each with one thread (``OMP_NUM_THREADS=1``): the two cores are used without the two
-processes' thread pools fighting, which on a 2-core machine slows both many times over.
+(``bench/fashion_mnist_timm.py --config RECIPE --amp bf16``, the precision our auto picks on a CPU with bf16).
+With ``--parallel 2`` two runs share the machine, each with one thread (``OMP_NUM_THREADS=1``): the two cores are
+used without the two processes' thread pools fighting, which on a 2-core machine slows both many times over.
 """
 
 from __future__ import annotations

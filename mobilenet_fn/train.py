@@ -34,8 +34,8 @@ CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "augment": ("crop-fli
            "auto_augment": AUTO_AUGMENTS}
 
 # Options added after the first checkpoints were written, with the values that reproduce those runs on --resume.
-OLDER_RUNS = {"cache": "off", "crop_scale": CROP_SCALE[0], "ema": 0.0, "ema_warmup": True, "auto_augment": "none", "reprob": 0.0, "mixup": 0.0,
-              "cutmix": 0.0, "clip_grad": 0.0, "exclude": None, "split": None}
+OLDER_RUNS = {"cache": "off", "crop_scale": CROP_SCALE[0], "ema": 0.0, "ema_warmup": True, "auto_augment": "none",
+              "reprob": 0.0, "mixup": 0.0, "cutmix": 0.0, "clip_grad": 0.0, "exclude": None, "split": None}
 
 
 @dataclass
