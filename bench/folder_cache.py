@@ -6,9 +6,11 @@
 Prints, for a folder of class folders (e.g. the one bench/make_photo_folder.py makes):
 1. building the cache: img/s, bytes per image in memory and on disk (and the JPEGs'), the time a second run
    takes to open it (RAM and memory-mapped);
-2. the loader alone (no model), one training epoch: today's path (DataLoader workers decoding each JPEG, random
-   resized crop and flip with PIL) against cached batches (gathered uint8, crop and flip on the device);
-3. training (the Trainer's own loop, eager step, batch 64), epochs after the first: img/s and data wait, per α;
+2. the loader alone (no model), one training epoch: the worker path (DataLoader workers decoding each JPEG,
+   random resized crop and flip with torchvision) against cached batches (gathered uint8, crop and flip on the
+   device);
+3. training (the Trainer's own loop, eager step, batch 64), epochs after the first: img/s and data wait, per α,
+   and the ceiling: the same step run again and again on one batch, with no data to wait for;
 4. with ``--accuracy-epochs N`` (default 6): validation top-1 after N epochs with and without the cache, two seeds.
 Contenders alternate round by round, so drift of a shared machine hits both; read the ratios.
 """
@@ -92,6 +94,20 @@ def one_more_epoch(trainer: Trainer) -> dict:
     return next(e.metrics for e in trainer.run() if isinstance(e, EpochEvent))
 
 
+def step_alone(trainer: Trainer, steps: int) -> float:
+    """img/s of ``steps`` training steps of ``trainer``'s own step on one batch made once: what training would
+    reach if batches cost nothing."""
+    ds, opts = trainer.dataset, trainer.opts
+    batch = next(data_lib.batches(ds.train, ds.preprocess, batch_size=opts.batch_size, train=True,
+                                  augment=opts.augmentation, channels_last=trainer.policy.channels_last))
+    step, trees, lr = trainer.build_step(), (trainer.params, trainer.state, trainer.opt_state), torch.tensor(0.01)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        *trees, metrics = step(*trees, (batch.x, batch.y), lr)
+    metrics["loss"].item()
+    return steps * opts.batch_size / (time.perf_counter() - t0)
+
+
 def first(source, n: int):
     if isinstance(source, data_lib.FileSource):
         return data_lib.FileSource(source.samples[:n], source.root)
@@ -163,16 +179,22 @@ def main() -> None:
         for alpha in args.alphas:
             trainers = {name: trainer_for(ds, alpha) for name, ds in speed.items()}
             results = {name: [] for name in trainers}
+            ceiling = []
             for r in range(args.rounds + 1):
                 for name, trainer in trainers.items():
                     m = one_more_epoch(trainer)
                     if r:
                         results[name].append((m["img_per_s"], m["data_wait"]))
+                alone = step_alone(trainers["cache"], trainers["cache"].batches)
+                if r:
+                    ceiling.append(alone)
             row = {name: (median([x for x, _ in v]), median([w for _, w in v]), spread([x for x, _ in v]))
                    for name, v in results.items()}
             print(f"   α {alpha}: files {row['files'][0]:.0f} img/s {row['files'][2]} (data wait "
                   f"{100 * row['files'][1]:.1f} %), cache {row['cache'][0]:.0f} img/s {row['cache'][2]} (data wait "
                   f"{100 * row['cache'][1]:.1f} %): {row['cache'][0] / row['files'][0]:.2f}x")
+            print(f"          the step alone on one batch: {median(ceiling):.0f} img/s {spread(ceiling)} (files at "
+                  f"{row['files'][0] / median(ceiling):.2f}, cache at {row['cache'][0] / median(ceiling):.2f} of it)")
         print()
 
         if args.accuracy_epochs:

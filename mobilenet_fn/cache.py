@@ -37,31 +37,13 @@ import torch
 
 from . import files
 from .data import DataError, Dataset, FileSource, Skipped, TensorSource, cache_dir, scan_folder, skip_reason
-from .preprocess import IMAGE_ERRORS, MAX_DECODED_PIXELS, interpolation_mode, read_rgb
+from .preprocess import IMAGE_ERRORS, MAX_DECODED_PIXELS, Layout, fit, read_rgb
 
 MODES = ("auto", "ram", "disk", "off")
 FORMAT = "mobilenet-fn decoded cache 1"
 RAM_SHARE = 0.25  # auto holds a cache in RAM when all of this machine's copies take at most this share of it
 CHUNK = 64 << 20  # bytes per CRC-32 of the images file
 DEVICE_DECODE_BATCH = 64  # JPEGs per batched decode_jpeg call on the GPU
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How the images are stored: (3, side, side) squares, aligned so that the centre ``crop`` is evaluation's."""
-
-    side: int
-    crop: int
-    interpolation: str
-
-    @classmethod
-    def of(cls, preprocess: dict) -> "Layout":
-        return cls(max(preprocess["resize"], preprocess["resolution"]), preprocess["resolution"],
-                   preprocess.get("interpolation", "bilinear"))
-
-    @property
-    def row_bytes(self) -> int:
-        return 3 * self.side * self.side
 
 
 @dataclass
@@ -80,27 +62,6 @@ class Report:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Decoding
-
-
-def _window_start(length: int, layout: Layout) -> int:
-    """Where the stored window of ``layout.side`` starts along a side of ``length`` pixels, so that its centre crop
-    (torchvision's rounding) falls where evaluation's centre crop of the whole side does."""
-    def centre(outer: int, inner: int) -> int:
-        return int(round((outer - inner) / 2.0))
-
-    return min(max(centre(length, layout.crop) - centre(layout.side, layout.crop), 0), length - layout.side)
-
-
-def fit(image: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """A decoded (3, H, W) uint8 image, on any device, as the stored (3, S, S) square."""
-    from torchvision.transforms.v2 import functional as TF
-
-    if min(image.shape[-2:]) != layout.side:  # the resize evaluation does (preprocess.resize_center_crop)
-        image = TF.resize(image, [layout.side], interpolation=interpolation_mode(
-            {"interpolation": layout.interpolation}), antialias=True)
-    h, w = image.shape[-2:]
-    top, left = _window_start(h, layout), _window_start(w, layout)
-    return image[:, top: top + layout.side, left: left + layout.side]
 
 
 def decode_file(path: str, layout: Layout) -> torch.Tensor | Skipped:

@@ -21,10 +21,11 @@ from typing import Iterator
 
 import torch
 
-from .augment import CROP_RATIO, CROP_SCALE, Augment, augment_batch
+from .augment import CROP_RATIO, Augment, augment_batch
 from .files import find_files
 from .preprocess import (
-    IMAGE_ERRORS, eval_image, interpolation_mode, model_input, preprocess_for, read_rgb, resize_center_crop,
+    IMAGE_ERRORS, Layout, eval_image, fit, interpolation_mode, model_input, preprocess_for, read_rgb,
+    resize_center_crop,
 )
 
 FASHION_MNIST_CLASSES = (
@@ -387,13 +388,6 @@ def relabel(source: Source, names: list[str], classes: list[str], data: str) -> 
 # Transforms and batches
 
 
-def train_short_side(resolution: int) -> int:
-    """The least short side an image needs for the random resized crop never to enlarge it: a crop holds at least
-    CROP_SCALE[0] of the area (the default ``--crop-scale``; a smaller one may enlarge a little) at an aspect ratio
-    of at most 4/3, so its shorter side is at least sqrt(0.25 * 3/4) = 0.43 of the image's short side."""
-    return math.ceil(resolution / math.sqrt(CROP_SCALE[0] * CROP_RATIO[0]))
-
-
 def _train_transform(preprocess: dict, spec: Augment):
     """The per-image part of ``spec`` for a loader worker, with torchvision's transforms: random resized crop and
     flip, then TrivialAugment-Wide; None when there is none."""
@@ -417,12 +411,14 @@ def item_seed(seed: int, epoch: int, index: int) -> int:
 
 class _Files(torch.utils.data.Dataset):
     """Image files as uint8 (3, R, R) tensors, each item a (source index, path, label); an unreadable file gives
-    (None, Skipped), which the collate drops. A large JPEG is decoded from its draft, at the least size the crop
-    needs. ``augment`` = (seed, epoch, spec) does the per-image part of the ``Augment`` spec (crop, flip,
-    auto-augment), drawn from the item's own seed; None gives the eval preprocessing."""
+    (None, Skipped), which the collate drops. Training crops are drawn from the square the decoded cache would
+    store (``preprocess.Layout``), so ``--cache off`` trains on the same pixels as the cache. ``augment`` = (seed,
+    epoch, spec) does the per-image part of the ``Augment`` spec (crop, flip, auto-augment), drawn from the item's
+    own seed; None gives the eval preprocessing."""
 
     def __init__(self, items, preprocess: dict, augment: tuple[int, int, Augment] | None):
         self.items, self.preprocess, self.augment = items, preprocess, augment
+        self.window = Layout.of(preprocess)
         self.transform = _train_transform(preprocess, augment[2]) if augment else None
 
     def __len__(self):
@@ -434,7 +430,7 @@ class _Files(torch.utils.data.Dataset):
             if self.augment is None or not self.augment[2].crop_flip:
                 image = eval_image(path, self.preprocess)
             else:
-                image = read_rgb(path, train_short_side(self.preprocess["resolution"]))
+                image = fit(read_rgb(path, self.window.side), self.window)
         except IMAGE_ERRORS as e:
             return None, Skipped(path, skip_reason(e))
         if self.transform is None:

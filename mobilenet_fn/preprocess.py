@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -60,6 +61,48 @@ def resize_center_crop(x: torch.Tensor, preprocess: dict) -> torch.Tensor:
     if min(x.shape[-2:]) != preprocess["resize"]:
         x = TF.resize(x, [preprocess["resize"]], interpolation=interpolation_mode(preprocess), antialias=True)
     return TF.center_crop(x, [preprocess["resolution"]] * 2)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The square training crops are drawn from: (3, side, side), the short side resized as evaluation resizes it
+    (``side`` = the eval resize, never under the resolution), placed so that its centre ``crop`` is evaluation's.
+    The decoded cache stores these squares; the loader workers of ``--cache off`` cut the same one from each file,
+    so both paths crop from the same pixels."""
+
+    side: int
+    crop: int
+    interpolation: str
+
+    @classmethod
+    def of(cls, preprocess: dict) -> "Layout":
+        return cls(max(preprocess["resize"], preprocess["resolution"]), preprocess["resolution"],
+                   preprocess.get("interpolation", "bilinear"))
+
+    @property
+    def row_bytes(self) -> int:
+        return 3 * self.side * self.side
+
+
+def _window_start(length: int, layout: Layout) -> int:
+    """Where the window of ``layout.side`` starts along a side of ``length`` pixels, so that its centre crop
+    (torchvision's rounding) falls where evaluation's centre crop of the whole side does."""
+    def centre(outer: int, inner: int) -> int:
+        return int(round((outer - inner) / 2.0))
+
+    return min(max(centre(length, layout.crop) - centre(layout.side, layout.crop), 0), length - layout.side)
+
+
+def fit(image: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """A decoded (3, H, W) uint8 image, on any device, as its (3, S, S) training square."""
+    from torchvision.transforms.v2 import functional as TF
+
+    if min(image.shape[-2:]) != layout.side:  # the resize evaluation does (resize_center_crop)
+        image = TF.resize(image, [layout.side], interpolation=interpolation_mode(
+            {"interpolation": layout.interpolation}), antialias=True)
+    h, w = image.shape[-2:]
+    top, left = _window_start(h, layout), _window_start(w, layout)
+    return image[:, top: top + layout.side, left: left + layout.side]
 
 
 def normalize(x: torch.Tensor, preprocess: dict) -> torch.Tensor:

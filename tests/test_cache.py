@@ -71,6 +71,26 @@ def test_evaluation_reads_from_the_cache_the_pixels_it_decodes_from_the_files(tm
         assert torch.equal(xf, xc) and torch.equal(yf, yc)  # bit-identical: the same resize, the same crop
 
 
+def test_training_without_the_cache_crops_from_the_square_the_cache_stores(tmp_path):
+    """--cache off and the cache train on the same pixels: at crop scale 1 a worker's crop is the whole stored
+    square (torchvision's RandomResizedCrop can draw nothing else from a square), resized to the resolution and
+    maybe flipped; a crop of the whole file would differ for every image that is not square."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from mobilenet_fn.augment import Augment
+    from mobilenet_fn.preprocess import Layout, fit, model_input, read_rgb
+
+    root = _folder(tmp_path / "photos", broken=False)
+    layout = Layout.of(PRE)
+    for path, label in _source(root).samples:
+        square = fit(read_rgb(path), layout)
+        expected = model_input(TF.resize(square, [24, 24], antialias=True)[None], PRE)
+        for epoch in range(3):
+            (batch,) = batches(FileSource([(path, label)], str(root)), PRE, batch_size=1, train=True,
+                               augment=Augment(crop_scale=1.0), drop_last=False, epoch=epoch)
+            assert any(torch.equal(batch.x, e) for e in (expected, expected.flip(-1))), (path, epoch)
+
+
 def test_a_second_open_reads_the_cache_back_without_decoding(tmp_path, monkeypatch):
     root = _folder(tmp_path / "photos")
     first, report, _ = _open(root)

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image, ImageFile
-from torchvision.transforms import v2
 
 from mobilenet_fn import Config, save_weights
-from mobilenet_fn.data import CROP_RATIO, CROP_SCALE, FileSource, batches, train_short_side
+from mobilenet_fn.data import FileSource, batches
 from mobilenet_fn.preprocess import MAX_DECODED_PIXELS, ImageTooLarge, eval_image, preprocess_for, read_rgb
 from test_weights import make_weights
 
@@ -153,21 +152,6 @@ def test_a_small_jpeg_is_decoded_whole(tmp_path):
     with Image.open(tmp_path / "photo.jpg") as im:
         full = torch.from_numpy(__import__("numpy").array(im.convert("RGB"))).permute(2, 0, 1)
     assert torch.equal(read_rgb(tmp_path / "photo.jpg", short_side=36), full)
-
-
-def test_the_random_resized_crop_never_enlarges_an_image_of_the_train_short_side():
-    """train_short_side is what the draft keeps: every crop torchvision can draw from such an image, square or
-    not, is at least the resolution on both sides."""
-    assert (CROP_SCALE, CROP_RATIO) == ((0.25, 1.0), (3 / 4, 4 / 3))
-    resolution = 224
-    side = train_short_side(resolution)
-    assert side == 518
-    torch.manual_seed(0)
-    for shape in ((side, side), (side, 2 * side), (3 * side, side)):
-        image = torch.empty(3, *shape)
-        smallest = min(min(v2.RandomResizedCrop.get_params(image, list(CROP_SCALE), list(CROP_RATIO))[2:])
-                       for _ in range(3000))
-        assert smallest >= resolution, (shape, smallest)
 
 
 def test_too_large_is_decided_from_the_header_before_any_decoding(odd, monkeypatch):
