@@ -57,6 +57,7 @@ def audit(
     from mobilenet_fn import audit as audit_lib
     from mobilenet_fn.extras import require
     from mobilenet_fn.model import Config
+    from mobilenet_fn.step import keep_freed_memory
     from mobilenet_fn.train import TrainOptions
 
     from .progress import TrainProgress, decoding, report_cache
@@ -66,6 +67,7 @@ def audit(
         raise UserError(f"--grad must be one of {', '.join(audit_lib.GRAD_CHOICES)}, got {grad!r}")
     if embed not in audit_lib.EMBEDDINGS:
         raise UserError(f"--embed must be one of {', '.join(audit_lib.EMBEDDINGS)}, got {embed!r}")
+    keep_freed_memory()
     dev = pick_device(device)
     if out is not None and out.exists():
         raise UserError(f"{out} already exists; pick another --out")

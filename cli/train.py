@@ -106,6 +106,7 @@ def train(
 
     from mobilenet_fn import distributed
     from mobilenet_fn.model import resolution_for_rho
+    from mobilenet_fn.step import keep_freed_memory
     from mobilenet_fn.train import TrainOptions
 
     if nproc < 1:
@@ -115,6 +116,7 @@ def train(
     if nproc > 1 and not distributed.launched():
         _launch(nproc)
         return
+    keep_freed_memory()
     dev = pick_device(device)
     ctx = distributed.setup(dev.type)
     if dev.type == "cuda" and ctx.active:
