@@ -30,6 +30,7 @@ import torch
 from mobilenet_fn import cache
 from mobilenet_fn import data as data_lib
 from mobilenet_fn.model import Config
+from mobilenet_fn.step import keep_freed_memory
 from mobilenet_fn.train import EpochEvent, Trainer, TrainOptions
 
 
@@ -140,6 +141,7 @@ def main() -> None:
                                                      "1 where other work holds a core: there 2 threads ran the "
                                                      "α 0.25 step at 15-150 img/s, 1 thread at 400-460")
     args = parser.parse_args()
+    keep_freed_memory()  # as train does
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
