@@ -56,20 +56,30 @@ class Augment:
 # Random resized crop and flip
 
 
+def crop_boxes(n: int, generator: torch.Generator, scale: tuple[float, float] = CROP_SCALE,
+               device=None) -> tuple[torch.Tensor, ...]:
+    """``n`` random resized crops as (w, h, cx, cy): width and height as shares of the image's sides, the centre in
+    grid_sample's [-1, 1]. The area's share is drawn from ``scale`` and the aspect ratio log-uniformly from
+    CROP_RATIO; a side that would leave the image is clamped to it (torchvision redraws such a crop instead, which
+    leans towards smaller crops). The batched crop and the loader workers' both draw here."""
+    area = torch.empty(n, device=device).uniform_(*scale, generator=generator)
+    log_ratio = torch.empty(n, device=device).uniform_(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]),
+                                                       generator=generator)
+    ratio = log_ratio.exp()
+    w = (area * ratio).sqrt().clamp(max=1.0)
+    h = (area / ratio).sqrt().clamp(max=1.0)
+    cx = (torch.rand(n, device=device, generator=generator) * 2 - 1) * (1 - w)
+    cy = (torch.rand(n, device=device, generator=generator) * 2 - 1) * (1 - h)
+    return w, h, cx, cy
+
+
 def random_resized_crop(x: torch.Tensor, size: int, generator: torch.Generator, flip: bool = True,
                         scale: tuple[float, float] = CROP_SCALE) -> torch.Tensor:
     """Per-image random resized crop (and horizontal flip) of a (N, C, H, W) float batch, as one grid_sample: each
     crop holds a share of the area drawn from ``scale``."""
     n = x.shape[0]
     dev = x.device
-    area = torch.empty(n, device=dev).uniform_(*scale, generator=generator)
-    log_ratio = torch.empty(n, device=dev).uniform_(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]),
-                                                    generator=generator)
-    ratio = log_ratio.exp()
-    w = (area * ratio).sqrt().clamp(max=1.0)  # crop size as a fraction of the side
-    h = (area / ratio).sqrt().clamp(max=1.0)
-    cx = (torch.rand(n, device=dev, generator=generator) * 2 - 1) * (1 - w)
-    cy = (torch.rand(n, device=dev, generator=generator) * 2 - 1) * (1 - h)
+    w, h, cx, cy = crop_boxes(n, generator, scale, dev)
     sign = torch.ones(n, device=dev)
     if flip:
         sign = torch.where(torch.rand(n, device=dev, generator=generator) < 0.5, -1.0, 1.0)
@@ -78,6 +88,22 @@ def random_resized_crop(x: torch.Tensor, size: int, generator: torch.Generator, 
     theta[:, 1, 1], theta[:, 1, 2] = h, cy
     grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def random_resized_crop_one(image: torch.Tensor, size: int, generator: torch.Generator,
+                            scale: tuple[float, float] = CROP_SCALE, interpolation=None) -> torch.Tensor:
+    """One (C, H, W) image's random resized crop and flip, for a loader worker: the crop ``crop_boxes`` draws (the
+    batched crop's distribution, rounded to whole pixels), resized by torchvision with antialiasing."""
+    from torchvision.transforms.v2 import functional as TF
+
+    height, width = image.shape[-2:]
+    w, h, cx, cy = (float(t) for t in crop_boxes(1, generator, scale))
+    crop_w, crop_h = max(1, round(w * width)), max(1, round(h * height))
+    left = min(max(round((cx + 1) / 2 * width - crop_w / 2), 0), width - crop_w)
+    top = min(max(round((cy + 1) / 2 * height - crop_h / 2), 0), height - crop_h)
+    out = TF.resized_crop(image, top, left, crop_h, crop_w, [size, size], antialias=True,
+                          interpolation=interpolation or TF.InterpolationMode.BILINEAR)
+    return TF.horizontal_flip(out) if torch.rand(1, generator=generator).item() < 0.5 else out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Iterator
 
 import torch
 
-from .augment import CROP_RATIO, Augment, augment_batch
+from .augment import Augment, augment_batch, random_resized_crop_one
 from .files import find_files
 from .preprocess import (
     IMAGE_ERRORS, Layout, eval_image, fit, interpolation_mode, model_input, preprocess_for, read_rgb,
@@ -388,19 +388,12 @@ def relabel(source: Source, names: list[str], classes: list[str], data: str) -> 
 # Transforms and batches
 
 
-def _train_transform(preprocess: dict, spec: Augment):
-    """The per-image part of ``spec`` for a loader worker, with torchvision's transforms: random resized crop and
-    flip, then TrivialAugment-Wide; None when there is none."""
+def _auto_augment(spec: Augment):
+    """The worker's automatic policy for ``spec``, torchvision's own; None when there is none."""
     from torchvision.transforms import v2
 
-    steps = []
-    if spec.crop_flip:
-        steps += [v2.RandomResizedCrop(preprocess["resolution"], scale=(spec.crop_scale, 1.0), ratio=CROP_RATIO,
-                                       interpolation=interpolation_mode(preprocess), antialias=True),
-                  v2.RandomHorizontalFlip()]
-    if spec.auto_augment == "trivial":
-        steps.append(v2.TrivialAugmentWide(interpolation=v2.InterpolationMode.BILINEAR))
-    return v2.Compose(steps) if steps else None
+    return v2.TrivialAugmentWide(interpolation=v2.InterpolationMode.BILINEAR) if spec.auto_augment == "trivial" \
+        else None
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
@@ -419,26 +412,34 @@ class _Files(torch.utils.data.Dataset):
     def __init__(self, items, preprocess: dict, augment: tuple[int, int, Augment] | None):
         self.items, self.preprocess, self.augment = items, preprocess, augment
         self.window = Layout.of(preprocess)
-        self.transform = _train_transform(preprocess, augment[2]) if augment else None
+        self.auto_augment = _auto_augment(augment[2]) if augment else None
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i):
         index, path, label = self.items[i]
+        spec = self.augment[2] if self.augment else None
         try:
-            if self.augment is None or not self.augment[2].crop_flip:
+            if spec is None or not spec.crop_flip:
                 image = eval_image(path, self.preprocess)
             else:
                 image = fit(read_rgb(path, self.window.side), self.window)
         except IMAGE_ERRORS as e:
             return None, Skipped(path, skip_reason(e))
-        if self.transform is None:
+        if spec is None:
+            return image, label
+        seed = item_seed(*self.augment[:2], index)
+        if spec.crop_flip:
+            image = random_resized_crop_one(image, self.preprocess["resolution"], torch.Generator().manual_seed(seed),
+                                            scale=(spec.crop_scale, 1.0), interpolation=interpolation_mode(
+                                                self.preprocess))
+        if self.auto_augment is None:
             return image, label
         # torchvision draws from the global CPU RNG: seed it for this item, and give the caller's state back.
         with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(item_seed(*self.augment[:2], index))
-            return self.transform(image), label
+            torch.default_generator.manual_seed(seed)
+            return self.auto_augment(image), label
 
 
 def _collate(items):

@@ -173,6 +173,19 @@ def test_the_random_resized_crop_holds_at_least_its_scale_of_the_area():
     assert mild.min() >= 0.6 - 1e-3 and mild.mean() > wide.mean() + 0.1
 
 
+@pytest.mark.parametrize("scale", [(0.25, 1.0), (1.0, 1.0)])
+def test_the_workers_crop_is_the_batched_crop_to_the_pixel(scale):
+    """A loader worker's crop (one image, whole pixels, torchvision's resize) draws the batched crop's box and flip
+    from the same generator: on a ramp, whose resampling is exact, the two agree to within the rounding to pixels."""
+    side, size = 64, 8
+    ramp = (torch.arange(side) * 2 + 1) / side - 1
+    x = torch.stack([ramp.expand(side, side), ramp[:, None].expand(side, side)])
+    for seed in range(200):
+        batched = A.random_resized_crop(x[None], size, torch.Generator().manual_seed(seed), scale=scale)[0]
+        one = A.random_resized_crop_one(x, size, torch.Generator().manual_seed(seed), scale=scale)
+        torch.testing.assert_close(one, batched, atol=3 / side, rtol=0)  # 1.5 px: rounding, and the filter at edges
+
+
 def test_augment_batch_is_seeded_keeps_shapes_and_normalises():
     pre = {"resolution": 16, "resize": 16, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bilinear"}
     x = (torch.rand(8, 1, 20, 20) * 255).to(torch.uint8)
