@@ -411,7 +411,7 @@ class _Files(torch.utils.data.Dataset):
 
     def __init__(self, items, preprocess: dict, augment: tuple[int, int, Augment] | None):
         self.items, self.preprocess, self.augment = items, preprocess, augment
-        self.window = Layout.of(preprocess)
+        self.window, self.interpolation = Layout.of(preprocess), interpolation_mode(preprocess)
         self.auto_augment = _auto_augment(augment[2]) if augment else None
 
     def __len__(self):
@@ -432,8 +432,7 @@ class _Files(torch.utils.data.Dataset):
         seed = item_seed(*self.augment[:2], index)
         if spec.crop_flip:
             image = random_resized_crop_one(image, self.preprocess["resolution"], torch.Generator().manual_seed(seed),
-                                            scale=(spec.crop_scale, 1.0), interpolation=interpolation_mode(
-                                                self.preprocess))
+                                            scale=(spec.crop_scale, 1.0), interpolation=self.interpolation)
         if self.auto_augment is None:
             return image, label
         # torchvision draws from the global CPU RNG: seed it for this item, and give the caller's state back.

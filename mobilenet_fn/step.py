@@ -155,11 +155,11 @@ MMAP_BYTES, TRIM_BYTES = 32 << 20, 1 << 30
 
 
 def keep_freed_memory() -> bool:
-    """Lets glibc's malloc keep the memory a CPU step frees for the next step. By default a block of over 128 KiB
-    to 32 MiB (its adaptive threshold) is mmapped and given back when freed, so every step faults its activations'
-    pages in anew: a Fashion-MNIST recipe run on one thread spent 15-20 % of its time in the kernel from its fourth
-    epoch on, at 80,000 page faults a second, and its epochs took 107-126 s; with this, 77-97 s (README,
-    "What makes it fast"). False where the C library is not glibc."""
+    """Lets glibc's malloc keep the memory a CPU training loop frees for its next step, rather than give it back to
+    the kernel and fault it in again. Measured on the training loop, not in general: a Fashion-MNIST recipe run on
+    one thread spent 15-20 % of its time in the kernel from its fourth epoch on, at 80,000 page faults a second,
+    and its epochs took 107-126 s; with this, 0.3 % and 77-97 s (README, "What makes it fast"). (A lone 8 MiB
+    block freed and taken again faulted more with it than without.) False where the C library is not glibc."""
     import ctypes
 
     try:
