@@ -503,9 +503,9 @@ def _pinned_gathers(source: TensorSource, items: list[torch.Tensor], device: tor
         ready = following
 
 
-def one_core_in_this_thread() -> bool:
-    """Runs the calling thread's torch ops on one core, leaving the other threads as they are. OpenMP keeps the
-    thread count per thread, but ``torch.set_num_threads`` also changes the default every later thread starts
+def threads_in_this_thread(count: int) -> bool:
+    """Runs the calling thread's torch ops on ``count`` cores, leaving the other threads as they are. OpenMP keeps
+    the thread count per thread, but ``torch.set_num_threads`` also changes the default every later thread starts
     with (and clears oneDNN's cache while the step may be using it), so this sets OpenMP's own per-thread value
     in the libgomp that torch loaded. False where torch runs on another OpenMP (macOS, Windows): nothing changes."""
     import ctypes
@@ -517,17 +517,18 @@ def one_core_in_this_thread() -> bool:
     except (OSError, StopIteration, AttributeError):
         return False
     torch.get_num_threads()  # torch sets a thread's count from its default on the thread's first op: do that first
-    set_threads(1)
-    return torch.get_num_threads() == 1
+    set_threads(count)
+    return torch.get_num_threads() == count
 
 
 def made_ahead(batches: Iterator[Batch]) -> Iterator[Batch]:
     """``batches``, each made in a background thread while the caller uses the one before: on the CPU the
-    augmentation of batch i + 1 runs during the step on batch i (torch's ops release the GIL). The thread runs on
-    one core, so that it takes one core from the step's, not all of them: on 2 cores a cached folder trained at
-    1.5x the files' speed with it and 1.2x without (``bench/folder_cache.py``). Each batch draws from its own
-    generator, so the batches are the same as made in line."""
-    with ThreadPoolExecutor(1, "mobilenet-fn-batches", initializer=one_core_in_this_thread) as pool:
+    augmentation of batch i + 1 runs during the step on batch i (torch's ops release the GIL). The thread runs on a
+    quarter of the step's cores (at least one) rather than on all of them: on 2 cores a cached folder trained at
+    1.5x the files' speed with one and 1.2x with two (``bench/folder_cache.py``; the quarter on more cores is not
+    measured). Each batch draws from its own generator, so the batches are the same as made in line."""
+    cores = max(1, torch.get_num_threads() // 4)
+    with ThreadPoolExecutor(1, "mobilenet-fn-batches", threads_in_this_thread, (cores,)) as pool:
         following = pool.submit(next, batches, None)
         while (batch := following.result()) is not None:
             following = pool.submit(next, batches, None)

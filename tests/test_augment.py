@@ -253,22 +253,23 @@ def test_made_ahead_keeps_the_order_passes_errors_on_and_stops_when_the_caller_d
         list(made_ahead(failing()))
 
 
-def test_batches_made_ahead_use_one_core_and_leave_the_other_threads_counts_alone():
+def test_batches_made_ahead_use_a_quarter_of_the_cores_and_leave_the_other_threads_counts_alone():
     import sys
     import threading
 
     from mobilenet_fn.data import made_ahead
 
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
     try:
-        counts = list(made_ahead(torch.get_num_threads() for _ in range(3)))
-        started_after = []
-        later = threading.Thread(target=lambda: started_after.append(torch.get_num_threads()))
-        later.start()
-        later.join()
-        assert torch.get_num_threads() == 2 and started_after == [2]
-        if sys.platform == "linux":  # torch's OpenMP is libgomp there
-            assert counts == [1, 1, 1]
+        for threads, quarter in ((2, 1), (8, 2)):
+            torch.set_num_threads(threads)
+            counts = list(made_ahead(torch.get_num_threads() for _ in range(3)))
+            started_after = []
+            later = threading.Thread(target=lambda: started_after.append(torch.get_num_threads()))
+            later.start()
+            later.join()
+            assert torch.get_num_threads() == threads and started_after == [threads]
+            if sys.platform == "linux":  # torch's OpenMP is libgomp there
+                assert counts == [quarter] * 3
     finally:
         torch.set_num_threads(before)
