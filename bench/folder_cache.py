@@ -11,7 +11,8 @@ Prints, for a folder of class folders (e.g. the one bench/make_photo_folder.py m
    device);
 3. training (the Trainer's own loop, eager step, batch 64), epochs after the first: img/s and data wait, per α,
    and the ceiling: the same step run again and again on one batch, with no data to wait for;
-4. with ``--accuracy-epochs N`` (default 6): validation top-1 after N epochs with and without the cache, two seeds.
+4. with ``--accuracy-epochs N`` (default 6): validation top-1 after N epochs with and without the cache, per seed
+   (``--seeds``, default 2), and the mean and spread of each.
 Contenders alternate round by round, so drift of a shared machine hits both; read the ratios.
 """
 
@@ -135,6 +136,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.25, 1.0])
     parser.add_argument("--accuracy-epochs", type=int, default=6)
+    parser.add_argument("--seeds", type=int, default=2, help="seeds of the accuracy runs")
     parser.add_argument("--speed-images", type=int, default=3200, help="training images per timed epoch")
     parser.add_argument("--quick", action="store_true", help="2 rounds, α 0.25 only, no accuracy runs")
     parser.add_argument("--threads", type=int, help="torch's threads in this process (default: torch's choice); "
@@ -202,13 +204,17 @@ def main() -> None:
         if args.accuracy_epochs:
             print(f"4. Accuracy: α 0.25, {args.resolution} px, batch 64, lr 0.1 cosine, {args.accuracy_epochs} "
                   f"epochs, validation top-1 of the last epoch ({len(files.val)} images)")
-            for seed in (0, 1):
+            top1 = {"files": [], "cache": []}
+            for seed in range(args.seeds):
                 line = []
                 for name, ds in (("files", files), ("cache", cached)):
                     trainer = trainer_for(ds, 0.25, seed=seed, epochs=args.accuracy_epochs)
                     last = [e.metrics for e in trainer.run() if isinstance(e, EpochEvent)][-1]
+                    top1[name].append(100 * last["val_top1"])
                     line.append(f"{name} {100 * last['val_top1']:.2f} % (loss {last['val_loss']:.3f})")
                 print(f"   seed {seed}: " + ", ".join(line))
+            print("   mean (lowest-highest): " + ", ".join(
+                f"{name} {sum(v) / len(v):.2f} % ({min(v):.2f}-{max(v):.2f})" for name, v in top1.items()))
     print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
