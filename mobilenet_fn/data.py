@@ -10,6 +10,7 @@ unreadable files are skipped and counted).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
 import os
@@ -503,21 +504,26 @@ def _pinned_gathers(source: TensorSource, items: list[torch.Tensor], device: tor
         ready = following
 
 
+OPENMP_LIBRARIES = ("libgomp", "libiomp", "libomp")  # GNU (pip wheels), Intel (conda), LLVM
+
+
 def threads_in_this_thread(count: int) -> bool:
     """Runs the calling thread's torch ops on ``count`` cores, leaving the other threads as they are. OpenMP keeps
     the thread count per thread, but ``torch.set_num_threads`` also changes the default every later thread starts
     with (and clears oneDNN's cache while the step may be using it), so this sets OpenMP's own per-thread value
-    in the libgomp that torch loaded. False where torch runs on another OpenMP (macOS, Windows): nothing changes."""
+    in the runtimes loaded (GNU's, Intel's or LLVM's, found in /proc/self/maps; each keeps its own). False where
+    that does not reach torch's (no /proc on macOS and Windows): nothing changes."""
     import ctypes
 
     try:
         with open("/proc/self/maps") as maps:
-            gomp = next(line.split()[-1] for line in maps if "/libgomp" in line)
-        set_threads = ctypes.CDLL(gomp).omp_set_num_threads
-    except (OSError, StopIteration, AttributeError):
+            runtimes = {line.split()[-1] for line in maps if any(f"/{lib}" in line for lib in OPENMP_LIBRARIES)}
+    except OSError:
         return False
     torch.get_num_threads()  # torch sets a thread's count from its default on the thread's first op: do that first
-    set_threads(count)
+    for path in runtimes:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(path).omp_set_num_threads(count)
     return torch.get_num_threads() == count
 
 
