@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -95,15 +97,30 @@ def use_channels_last(flag: str, device: torch.device) -> bool:
     return flag == "on" or (flag == "auto" and device.type in ("cuda", "cpu"))
 
 
+# oneDNN's instruction-set caps (ONEDNN_MAX_CPU_ISA, or its older name DNNL_MAX_CPU_ISA) that still allow its
+# native bf16 kernels: AVX-512 BF16 from AVX512_CORE_BF16 up, AMX from AVX512_CORE_AMX up. Under a lower cap
+# (AVX2, AVX512_CORE, ...) oneDNN emulates bf16, as on a CPU without it.
+ONEDNN_ISAS_WITH = {
+    "AVX-512 BF16": {"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX512_CORE_AMX", "AVX10_1_512_AMX",
+                     "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2", "ALL"},
+    "AMX": {"AVX512_CORE_AMX", "AVX10_1_512_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16",
+            "AVX10_2_512_AMX_2", "ALL"},
+}
+
+
 @functools.cache
 def cpu_native_bf16() -> str | None:
     """The x86 features with which this CPU computes bf16 natively ("AVX-512 BF16", "AMX"), or None.
 
     Read from the CPU (PyTorch's cpuinfo), not guessed from the vendor: AVX-512 BF16 (Intel Cooper Lake and later,
     AMD Zen 4 and later) and AMX (Intel Sapphire Rapids and later), which oneDNN's bf16 kernels use. Without them
-    oneDNN emulates bf16, slower than float32."""
+    oneDNN emulates bf16, slower than float32. A feature counts only where the kernels may use it: PyTorch's own
+    at AVX-512 (not capped by ATEN_CPU_CAPABILITY) and oneDNN's not capped below it (ONEDNN_MAX_CPU_ISA)."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512" or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    onednn_cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
     found = [name for name, probe in (("AVX-512 BF16", "_is_avx512_bf16_supported"), ("AMX", "_is_amx_tile_supported"))
-             if getattr(torch.cpu, probe, lambda: False)()]
+             if getattr(torch.cpu, probe, lambda: False)() and onednn_cap in ONEDNN_ISAS_WITH[name]]
     return ", ".join(found) or None
 
 
@@ -294,10 +311,18 @@ def make_step(
     return step
 
 
+def no_cuda_runtime_notice(record: logging.LogRecord) -> bool:
+    """A logging filter: drops the warning "No CUDA runtime is found, using CUDA_HOME=..." that Inductor's
+    import of torch.utils.cpp_extension logs on a machine with a CUDA toolkit and no GPU (a CPU-only run of the
+    default, CUDA-carrying torch wheel): it says nothing about the run."""
+    return not record.getMessage().startswith("No CUDA runtime is found")
+
+
 def compile_step(step: Callable, cuda_graphs: bool = False) -> Callable:
     """``torch.compile(step, fullgraph=True)``. With CUDA graphs each call is marked as a new iteration and its
     outputs are copied out of the graphs' memory pool, which the next replay overwrites: the caller may keep them
     (a checkpoint, the best weights) and pass them back in. The copies are of parameter size, not activations."""
+    logging.getLogger("torch.utils.cpp_extension").addFilter(no_cuda_runtime_notice)
     compiled = torch.compile(step, fullgraph=True, backend=COMPILE_BACKEND,
                              mode="reduce-overhead" if cuda_graphs else None)
     if not cuda_graphs:

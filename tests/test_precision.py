@@ -1,6 +1,9 @@
 """Precision: `--amp auto` follows the CPU's native bf16, and the bf16 step keeps BatchNorm, loss and optimizer in
 float32 while matching the float32 computation within bf16's rounding."""
 
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,12 +29,29 @@ def cpuinfo_flags() -> set[str]:
     return set(next(line for line in text.splitlines() if line.startswith("flags")).split(":", 1)[1].split())
 
 
+CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU's flags from /proc/cpuinfo")
 def test_native_bf16_is_read_from_the_cpu_as_the_kernel_reports_it():
     flags = cpuinfo_flags()
-    native = step_lib.cpu_native_bf16()
-    assert ("AVX-512 BF16" in (native or "")) == ("avx512_bf16" in flags)
-    assert ("AMX" in (native or "")) == ("amx_tile" in flags)
+    native = step_lib.cpu_native_bf16() or ""
+    assert ("AVX-512 BF16" in native) <= ("avx512_bf16" in flags) and ("AMX" in native) <= ("amx_tile" in flags)
+    if not any(os.environ.get(cap) for cap in CAPS):  # kernels free to use all the CPU has
+        assert ("AVX-512 BF16" in native) == ("avx512_bf16" in flags)
+        assert ("AMX" in native) == ("amx_tile" in flags)
+
+
+@pytest.mark.parametrize("cap", ["ATEN_CPU_CAPABILITY=avx2", "ATEN_CPU_CAPABILITY=default", "ONEDNN_MAX_CPU_ISA=AVX2",
+                                 "ONEDNN_MAX_CPU_ISA=AVX512_CORE", "DNNL_MAX_CPU_ISA=AVX512_CORE_VNNI"])
+def test_amp_auto_is_float32_where_the_kernels_are_capped_below_bf16(cap):
+    # What a CPU without native bf16 runs, on any CPU: the rule must follow the kernels, not only the flags.
+    name, value = cap.split("=")
+    env = {k: v for k, v in os.environ.items() if k not in CAPS} | {name: value}
+    code = ("import torch; from mobilenet_fn.step import cpu_native_bf16, precision; "
+            "print(cpu_native_bf16(), *precision('auto', torch.device('cpu')), sep='|')")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "None|float32|the CPU has no native bf16"
 
 
 @pytest.mark.parametrize("native", ["AVX-512 BF16, AMX", None])
