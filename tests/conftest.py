@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_flatten_with_path
 
-from mobilenet_fn import Config
+from mobilenet_fn import Config, init
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -71,3 +71,28 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, *, after: float = 0.
     time.sleep(after)
     os.killpg(proc.pid, sig)
     return proc.communicate(timeout=timeout)[1]
+
+
+
+def brightest_channel_weights(cfg: Config, scale: float = 10.0, shift: float = 3.0) -> tuple[dict, dict]:
+    """(params, state) of a MobileNet built by hand whose class k is input channel k (k < 3): every layer passes
+    the three normalised colour channels on unchanged (shifted by ``shift`` in the stem, so that no ReLU cuts
+    them; a strided layer samples a pixel, the pooling averages) and the classifier scores channel k times
+    ``scale``. It sorts images whose colour lies in one channel with a margin that no CPU's rounding can move: a
+    trained model's behaviour without the luck of a training run."""
+    params, state = init(cfg, torch.Generator().manual_seed(0))
+    rgb = [0, 1, 2]
+    with torch.no_grad():
+        for path, leaf in tree_flatten_with_path(params)[0]:
+            is_bn_scale = path[-1].key == "weight" and path[-2].key.endswith("bn")
+            leaf.fill_(1.0 if is_bn_scale else 0.0)
+        for path, leaf in tree_flatten_with_path(state)[0]:
+            leaf.fill_(1 - cfg.bn_eps if path[-1].key == "var" else 0.0)  # BatchNorm: the identity, plus its bias
+        params["stem"]["conv"]["weight"][rgb, rgb, 1, 1] = 1.0  # (O, I, 3, 3): the centre tap
+        params["stem"]["bn"]["bias"][rgb] = shift
+        for block in params["blocks"]:
+            block["dw"]["weight"][:, 1, 1] = 1.0  # (C, 3, 3)
+            block["pw"]["weight"][rgb, rgb] = 1.0  # (O, I)
+        params["fc"]["weight"][rgb, rgb] = scale  # (classes, features)
+        params["fc"]["bias"][rgb] = -scale * shift
+    return params, state
