@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # These resolve from this machine's local disk; pyproject.toml keeps ranges for other environments.
 PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv train test bench clean
+.PHONY: venv train test test-avx2 bench clean
 
 # PYTHONWARNINGS hides setuptools' one notice on an editable install of this layout (cli/ installed as
 # mobilenet_fn.cli): information, not a warning ("be careful with folders named like the package").
@@ -22,6 +22,12 @@ train: venv
 
 test: venv
 	$(BIN)/pytest -q
+
+# The tests whose outcome could hang on the CPU's kernels (they train, quantize or audit: pytest -m kernels), run
+# with the kernels of a CPU that has AVX2 and nothing newer, whatever this machine has.
+AVX2_KERNELS := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+test-avx2: venv
+	$(AVX2_KERNELS) $(BIN)/pytest -q -m kernels
 
 bench: venv
 	$(BIN)/python bench/throughput.py

@@ -164,11 +164,13 @@ def _new_run(opts, *, auto_batch, alpha, resolution, activation, dropout, init, 
     from mobilenet_fn import data as data_lib
     from mobilenet_fn import distributed
     from mobilenet_fn.model import Config
-    from mobilenet_fn.rundir import RunDir, default_run_dir
+    from mobilenet_fn.rundir import RunDir, default_run_dir, taken
     from mobilenet_fn.train import Trainer
 
     if opts.freeze_backbone and init is None:
         raise UserError("--freeze-backbone needs --init weights.pkl (a backbone worth keeping)")
+    if out is not None and out.exists():  # said before the data is loaded; RunDir.create checks again
+        raise UserError(taken(out))
     start = _load_init(init, alpha=alpha, activation=activation) if init else None
     if start is not None and resolution is None and opts.data not in data_lib.DEFAULT_RESOLUTION:
         resolution = start.preprocess["resolution"]
@@ -354,9 +356,15 @@ def _raise_terminated(signum, frame):
     # interruption into the loader's crash, raised next by its SIGCHLD handler. Python runs pending handlers in
     # signal order, SIGTERM (15) before SIGCHLD (17). (Workers that ignored SIGTERM could outlive the trainer and
     # block its exit, waiting for work from it.)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the checkpoint short
+    # A handler that does nothing, not SIG_DFL or SIG_IGN: CPython raises "OSError: Signal 17 ignored due to race
+    # condition" wherever the program is when a signal already pending finds its handler reset to those.
+    signal.signal(signal.SIGCHLD, _ignore)
+    signal.signal(signal.SIGTERM, _ignore)  # a second SIGTERM must not cut the checkpoint short
     raise Terminated
+
+
+def _ignore(signum, frame) -> None:
+    """A signal handler that does nothing."""
 
 
 def _run(trainer, run) -> None:

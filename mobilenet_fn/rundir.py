@@ -36,6 +36,11 @@ def default_run_dir(data: str, cfg: Config, root: Path = Path("runs")) -> Path:
     return path
 
 
+def taken(path: Path) -> str:
+    """What to say when a new run's folder ``path`` already exists."""
+    return f"{path} already exists; continue it with --resume {path}, or pick another --out"
+
+
 class RunDir:
     """One run's folder. ``create`` a new one or ``open`` an existing one; then save each epoch's files."""
 
@@ -50,8 +55,7 @@ class RunDir:
         try:
             path.mkdir(parents=True)  # fails if it exists, even if it appeared a moment ago
         except FileExistsError:
-            raise FileExistsError(f"{path} already exists; continue it with --resume {path}, or pick another "
-                                  f"--out") from None
+            raise FileExistsError(taken(path)) from None
         write_json(path / "config.json", config)
         write_json(path / "split.json", split)
         return cls(path, [])

@@ -20,6 +20,8 @@ from mobilenet_fn.layers import BF16_DEPTHWISE_MIN_PIXELS, depthwise_apply, dept
 from mobilenet_fn.optim import Optimizer, sgd
 from mobilenet_fn.step import compile_step, device_policy, make_step, precision
 
+pytestmark = pytest.mark.kernels  # precision follows the kernels: .ci/run runs these again with AVX2 kernels
+
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 GRADS_OUT = Optimizer(init=lambda p: {}, update=lambda g, s, p, lr: (g, s))  # a step that hands back its gradients
 

@@ -31,7 +31,9 @@ def test_compiled_step_has_no_graph_break_and_its_gradients_match_timm_autograd(
     cfg = Config(activation="relu6", num_classes=10)
     x = torch.randn(4, 3, 64, 64, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     y = torch.tensor([0, 3, 9, 3])
-    step = torch.compile(make_step(cfg, GRADS_OUT), fullgraph=True)  # fullgraph: a graph break is an error
+    # fullgraph: a graph break is an error. aot_eager: the graph that Dynamo and AOTAutograd trace from the step,
+    # run by eager kernels (Inductor's code generation, a minute and more here, is the bf16 test's).
+    step = torch.compile(make_step(cfg, GRADS_OUT), fullgraph=True, backend="aot_eager")
     grads, new_state, _, metrics = step(params, state, {}, (x, y), torch.tensor(0.1))
 
     model.train()
