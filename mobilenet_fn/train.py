@@ -152,12 +152,13 @@ class EpochEvent:
 @dataclass
 class EpochProgress:
     """How far the epoch under way has come, a checkpoint's ``epoch_progress``: its training sums over all
-    processes so far, and whether all its batches are trained (it then awaits validation and its metrics line)."""
+    processes so far, and whether they are the totals of the last epoch trained, whose end (validation, files,
+    metrics line) is still owed."""
 
     loss: float = 0.0  # the steps' losses, each the mean over the processes
     correct: int = 0  # right top-1 answers
     seen: int = 0  # images
-    trained: bool = False
+    trained: bool = False  # the totals of epoch ``Trainer.epoch``, not yet recorded
 
 
 @dataclass
@@ -184,7 +185,7 @@ class Trainer:
     params: dict = field(default=None)
     state: dict = field(default=None)
     opt_state: dict = field(default=None)
-    epoch: int = 0  # recorded epochs: validated, their files and metrics line handed over
+    epoch: int = 0  # trained epochs (the last one's end is owed while ``progress.trained``)
     batch_in_epoch: int = 0  # completed batches of the current epoch
     global_step: int = 0
     best: dict | None = None  # the metrics of the best epoch
@@ -229,11 +230,9 @@ class Trainer:
     def checkpoint(self, cpu_trees: tuple[dict, dict] | None = None) -> dict:
         """Everything needed to resume from where the run is now, on the CPU. ``cpu_trees``: (params, state)
         already copied there."""
-        return self._checkpoint(cpu_trees, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch, best=self.best,
-                                progress=self.epoch_progress())
+        return self._checkpoint(cpu_trees, best=self.best, progress=self.epoch_progress())
 
-    def _checkpoint(self, cpu_trees: tuple[dict, dict] | None, *, epoch: int, batch_in_epoch: int,
-                    best: dict | None, progress: EpochProgress) -> dict:
+    def _checkpoint(self, cpu_trees: tuple[dict, dict] | None, *, best: dict | None, progress: EpochProgress) -> dict:
         params, state = cpu_trees or (to_device(self.params, "cpu"), to_device(self.state, "cpu"))
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
@@ -247,9 +246,9 @@ class Trainer:
             "preprocess": self.dataset.preprocess,
             "data": self.dataset.split,
             "metrics": dict(best or {}),
-            "epoch": epoch,
+            "epoch": self.epoch,
             "step": self.global_step,
-            "batch_in_epoch": batch_in_epoch,
+            "batch_in_epoch": self.batch_in_epoch,
             "epoch_progress": asdict(progress),
             "rng": rng,
             "run": asdict(self.opts),
@@ -264,8 +263,7 @@ class Trainer:
         self.epoch = ckpt["epoch"]
         self.progress = EpochProgress(**ckpt.get("epoch_progress", {}))  # older checkpoints carry no sums
         # Positions count this run's batches: a run saved with N processes may resume with M.
-        self.batch_in_epoch = (self.batches if self.progress.trained
-                               else ckpt["batch_in_epoch"] * ckpt.get("world", 1) // self.world)
+        self.batch_in_epoch = ckpt["batch_in_epoch"] * ckpt.get("world", 1) // self.world
         self.global_step = self.epoch * self.batches + self.batch_in_epoch
         self.best = ckpt["metrics"] or None
         if best is not None:
@@ -315,14 +313,14 @@ class Trainer:
         return evaluated_trees(self.params, self.state, self.opt_state)
 
     def run(self) -> Iterator:
-        """Trains from ``self.epoch``/``self.batch_in_epoch`` to ``opts.epochs``, yielding events. The run stays
-        at an epoch until its consumer has handled the epoch's last event (its metrics line), so that a run stopped
-        anywhere before (``checkpoint()``) trains, validates and hands over what is left of it on resume."""
+        """Trains from ``self.epoch``/``self.batch_in_epoch`` to ``opts.epochs``, yielding events. An epoch's
+        end is owed (``progress.trained``) until the consumer has handled its last event (its metrics line), so that
+        a run stopped anywhere before (``checkpoint()``) trains, validates and hands over what is left on resume."""
         step = self.build_step()
         opts, policy = self.opts, self.policy
         yield StartEvent(self.epoch, opts.epochs, self.batches, str(self.device), policy.describe(), policy.compiled,
                          len(self.skipped))
-        while self.epoch < opts.epochs:
+        while self.epoch < opts.epochs or self.progress.trained:
             t0 = time.perf_counter()
             carried = self.progress.seen  # images the checkpoint carried into this epoch
             waited = 0.0 if self.progress.trained else (yield from self.train_epoch(step, t0))
@@ -331,8 +329,8 @@ class Trainer:
                                            "data_wait": waited / train_seconds})
 
     def train_epoch(self, step, t0: float) -> Iterator[StepEvent]:
-        """Trains the epoch's remaining batches, then sums their metrics across processes into ``self.progress``.
-        Returns the seconds spent waiting for batches."""
+        """Trains the epoch's remaining batches, then counts it trained, its metrics summed across processes into
+        ``self.progress``. Returns the seconds spent waiting for batches."""
         opts, policy = self.opts, self.policy
         first_seen, last_report = self.seen, t0
         batches = data_lib.batches(
@@ -374,7 +372,7 @@ class Trainer:
             distributed.check_in_sync(self.params, self.dist)
         if not math.isfinite(totals.loss):
             raise NonFiniteLoss(self.epoch + 1, self.batch_in_epoch)
-        self.progress = totals
+        self.epoch, self.batch_in_epoch, self.progress = self.epoch + 1, 0, totals  # one assignment, as above
         return waited
 
     def summed_across_ranks(self) -> EpochProgress:
@@ -386,9 +384,9 @@ class Trainer:
         return EpochProgress(totals[0].item() / self.world, int(totals[1].item()), int(totals[2].item()), trained=True)
 
     def end_epoch(self, t0: float, timing: dict) -> Iterator:
-        """Validates the trained epoch, hands over its files (rank 0) and its metrics line, then moves the run to
-        the next epoch."""
-        opts, done, epoch = self.opts, self.progress, self.epoch + 1
+        """Validates the epoch just trained, hands over its files (rank 0) and its metrics line, then counts it
+        recorded."""
+        opts, done, epoch = self.opts, self.progress, self.epoch
         val = self.validate(self.dataset.val, *self.evaluated())
         self.skipped.update(val["skipped"])
         metrics = {
@@ -413,15 +411,15 @@ class Trainer:
         if improved:
             best, best_weights = dict(metrics), (to_device(self.evaluated(), "cpu") if opts.ema else cpu_trees)
         if self.rank == 0:
-            recorded = self._checkpoint(cpu_trees, epoch=epoch, batch_in_epoch=0, best=best, progress=EpochProgress())
+            recorded = self._checkpoint(cpu_trees, best=best, progress=EpochProgress())
             yield CheckpointEvent(recorded, self.weights_file(best, best_weights) if improved else None)
         if epoch == opts.epochs and self.dataset.test is not None:
             metrics.update(self.test_best(best, best_weights))
         yield EpochEvent(metrics, improved)
         fresh = EpochProgress()
         # One assignment: a checkpoint sees the epoch recorded entirely or not at all.
-        (self.epoch, self.batch_in_epoch, self.best, self.best_weights, self.progress,
-         (self.loss_sum, self.correct, self.seen)) = (epoch, 0, best, best_weights, fresh, self._running_sums(fresh))
+        (self.best, self.best_weights, self.progress, (self.loss_sum, self.correct, self.seen)) = (
+            best, best_weights, fresh, self._running_sums(fresh))
 
     def validate(self, source, params=None, state=None) -> dict:
         """Metrics on ``source``, each process evaluating its shard and the counts summed."""

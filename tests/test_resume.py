@@ -164,10 +164,11 @@ def test_the_epoch_under_way_carries_over_to_another_number_of_processes(photos,
     assert first.batch_in_epoch == 1 and (first.loss_sum.item(), first.correct.item(), first.seen) == (6.0, 10, 16)
     assert (second.loss_sum.item(), second.correct.item(), second.seen) == (0.0, 0, 0)
     assert first.checkpoint()["epoch_progress"] == {**sums, "trained": False}
-    # Saved by two processes once the epoch's batches were all trained: one process goes on to validate it.
-    trained = {**mid, "batch_in_epoch": 1, "world": 2, "epoch_progress": {**sums, "trained": True}}
-    assert _trainer(photos, trained).batch_in_epoch == 4
-    assert _trainer(photos, {**trained, "epoch_progress": {**sums, "trained": False}}).batch_in_epoch == 2
+    # Saved by two processes once epoch 2 was trained, before its end: its totals, whatever the processes.
+    trained = {**mid, "epoch": 2, "batch_in_epoch": 0, "world": 2, "epoch_progress": {**sums, "trained": True}}
+    one = _trainer(photos, trained)
+    assert (one.epoch, one.batch_in_epoch, one.global_step) == (2, 0, 8)
+    assert one.checkpoint()["epoch_progress"] == {**sums, "trained": True}
 
 
 @pytest.mark.parametrize("progress, message", [
