@@ -340,7 +340,7 @@ def _resume(run_dir: Path, epochs: int | None, dev, ctx):
     dataset = _through_cache(dataset, opts.cache, dev)
     trainer = Trainer(cfg, opts, dataset, dev, dist=ctx)
     trainer.restore(ckpt, best=run.load_best())
-    if trainer.epoch >= opts.epochs:
+    if trainer.epoch >= opts.epochs and not trainer.progress.trained:  # trained: the last epoch's end is owed
         raise UserError(f"{run_dir} has finished its {trainer.epoch} epochs; raise --epochs to train more")
     return trainer, run if ctx.main else None
 

@@ -17,17 +17,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-# The most pixels one image is decoded at, after a JPEG's draft has brought it down towards what the preprocessing
-# needs (a 1/2, 1/4 or 1/8 scale): 40 megapixels. Measured: a 39.7-megapixel RGB PNG raises predict's peak RSS
-# by 0.24 GB; a mode that needs converting (grey, palette, 16-bit, alpha) holds a second copy, so about 0.5 GB at
-# most. A larger PNG, WebP, GIF, BMP or TIFF is skipped as "too large": Pillow has no bounded way to decode those
-# at a lower scale. A JPEG only gets there when it is over 8x the size needed on a side.
-MAX_DECODED_PIXELS = 40_000_000
-
-
-class ImageTooLarge(ValueError):
-    """An image that would decode to more than ``MAX_DECODED_PIXELS`` pixels."""
-
+from .resize import ORIENTATION_TAG, UPRIGHT, check_decoded_size, to_rgb
+from .resize import MAX_DECODED_PIXELS, ImageTooLarge  # noqa: F401  (defined once, beside resize's decoding)
 
 # What Pillow raises for a file it cannot decode: damaged, truncated, not an image, or a decompression bomb; and
 # ImageTooLarge (a ValueError).
@@ -135,8 +126,6 @@ def read_rgb(path: str | Path, short_side: int | None = None) -> torch.Tensor:
     """
     from torchvision.transforms.v2.functional import pil_to_tensor
 
-    from .resize import ORIENTATION_TAG, UPRIGHT, to_rgb
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_DECODED_PIXELS is the bound here
         with Image.open(path) as im:
@@ -144,9 +133,7 @@ def read_rgb(path: str | Path, short_side: int | None = None) -> torch.Tensor:
             if short_side and min(w, h) >= 2 * short_side:
                 scale = short_side / min(w, h)
                 im.draft(im.mode, (math.ceil(w * scale), math.ceil(h * scale)))  # JPEG only; else a no-op
-            w, h = im.size
-            if w * h > MAX_DECODED_PIXELS:
-                raise ImageTooLarge(f"too large ({w}×{h}): over {MAX_DECODED_PIXELS // 1_000_000} megapixels")
+            check_decoded_size(im)
             im.load()
             orientation = im.getexif().get(ORIENTATION_TAG, 1)  # after the check: a PNG's getexif() decodes it
             rgb = to_rgb(im)

@@ -94,7 +94,10 @@ class RunDir:
         self.save_last(checkpoint)
 
     def append_metrics(self, metrics: dict) -> None:
-        """A line of metrics.jsonl."""
+        """A line of metrics.jsonl, unless its epoch has one: a run stopped right after writing it redoes the end of
+        that epoch on resume."""
+        if self.metrics and self.metrics[-1]["epoch"] >= metrics["epoch"]:
+            return
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
             f.flush()

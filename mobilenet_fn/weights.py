@@ -33,7 +33,9 @@ PREPROCESS_KEYS = ("resolution", "resize", "crop_pct", "interpolation", "mean", 
 CHECKPOINT_KEYS = ("config", "params", "state", "opt_state", "classes", "preprocess", "data", "metrics", "epoch",
                    "step", "batch_in_epoch", "rng", "run")
 WEIGHTS_KEYS = ("format", "config", "params", "state", "classes", "preprocess", "data", "metrics")
-CHECKPOINT_OPTIONAL = ("world",)  # checkpoints written before distributed training lack it (world 1)
+# Checkpoints written before distributed training lack world (1); before epoch_progress, the training sums of the
+# epoch so far (none carried: a resumed epoch's metrics then cover the batches after the resume).
+CHECKPOINT_OPTIONAL = ("world", "epoch_progress")
 INTERPOLATIONS = ("bilinear", "bicubic")
 
 # Bounds on what a file may hold. A file is read whole by torch.load, so its size already bounds the memory it
@@ -422,9 +424,7 @@ def _where(entry) -> str:
 def _checkpoint_problem(obj: dict) -> str | None:
     """What is wrong with the training part of a checkpoint (what ``Trainer.checkpoint`` writes and
     ``Trainer.restore`` and ``train --resume`` read), or None. Called after ``_problem``."""
-    from .train import TrainOptions  # here: train.py imports this module
-
-    from .train import OLDER_RUNS
+    from .train import OLDER_RUNS, EpochProgress, TrainOptions  # here: train.py imports this module
 
     run = obj["run"]
     problem = _fields_problem("run", run, TrainOptions)
@@ -438,7 +438,7 @@ def _checkpoint_problem(obj: dict) -> str | None:
         run = TrainOptions(**{**OLDER_RUNS, **run, "compile": compile})
     except (TypeError, ValueError) as e:
         return f"run: {e}"
-    for key in ("epoch", "step", "batch_in_epoch", *[k for k in CHECKPOINT_OPTIONAL if k in obj]):
+    for key in ("epoch", "step", "batch_in_epoch", *(["world"] if "world" in obj else [])):
         value, least = obj[key], 1 if key == "world" else 0
         if not _value_fits(value, "int") or value < least:
             return f"{key} must be an integer of at least {least}, not {_short(value)}"
@@ -446,6 +446,13 @@ def _checkpoint_problem(obj: dict) -> str | None:
         return f"epoch {obj['epoch']} is beyond the run's {run.epochs} epochs"
     if obj["batch_in_epoch"] > obj["step"]:
         return f"batch_in_epoch {obj['batch_in_epoch']} is beyond step {obj['step']}"
+    if "epoch_progress" in obj:
+        problem = _fields_problem("epoch_progress", obj["epoch_progress"], EpochProgress)
+        if problem:
+            return problem
+        progress = EpochProgress(**obj["epoch_progress"])
+        if not 0 <= progress.correct <= progress.seen:
+            return f"epoch_progress: {progress.correct} right answers of {progress.seen} images"
     problem = _rng_problem(obj["rng"])
     if problem:
         return problem

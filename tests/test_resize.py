@@ -3,6 +3,7 @@
 import hashlib
 import io
 import json
+import math
 import os
 import signal
 import struct
@@ -13,7 +14,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 from typer.testing import CliRunner
 
 from mobilenet_fn import resize as rz
@@ -246,6 +247,48 @@ def test_each_bad_file_is_reported_and_skipped(raw):
         assert word in reasons[name], reasons[name]
     on_disk = json.loads((raw.with_name("raw-224") / rz.REPORT_NAME).read_text())
     assert on_disk["failed_files"] == report["failed_files"]
+
+
+def test_an_image_over_the_decoded_pixel_bound_is_reported_too_large_without_being_decoded(tmp_path, monkeypatch):
+    # One grey over 40 megapixels: a 53 kB PNG that would take 40 MB decoded (120 MB as RGB) in each worker.
+    side = math.isqrt(rz.MAX_DECODED_PIXELS) + 1
+    save(tmp_path / "raw" / "big" / "grey.png", Image.new("L", (side, side), 128))
+    save(tmp_path / "raw" / "big" / "small.png", framed())
+
+    def decoded(image):
+        raise AssertionError(f"{image.size} decoded")
+
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load",
+                        lambda image: decoded(image) if image.size == (side, side) else real_load(image))
+    report = resize_tree(tmp_path / "raw")
+    assert report["written"] == 1
+    too_large = f"too large ({side}×{side}): over 40 megapixels"
+    assert report["failed_files"] == [{"file": "big/grey.png", "reason": too_large}]
+
+
+@pytest.mark.parametrize("size, reason", [
+    (224, None),  # decoded at 1/2 scale: 600×500, under the bound
+    (1000, "too large (1200×1000): over 1 megapixels"),  # no draft keeps 1000 px of detail: the whole image
+])
+def test_a_jpeg_whose_draft_brings_it_under_the_bound_still_resizes(tmp_path, monkeypatch, size, reason):
+    monkeypatch.setattr(rz, "MAX_DECODED_PIXELS", 1_000_000)  # the 1.2-megapixel JPEG is over it
+    save(tmp_path / "raw" / "cat" / "big.jpg", halves((1200, 1000), RED, BLUE), quality=90)
+    report = resize_tree(tmp_path / "raw", size=size, resize_to=size, mode="pad")
+    assert report["failed_files"] == ([{"file": "cat/big.jpg", "reason": reason}] if reason else [])
+    if reason is None:
+        with Image.open(Path(report["output"]) / "cat" / "big.jpg") as image:
+            assert image.size == (size, size) and near(image.getpixel((40, 112)), RED, 12)
+
+
+def test_train_eval_and_predict_read_images_under_the_same_bound(tmp_path, monkeypatch):
+    from mobilenet_fn.preprocess import ImageTooLarge, read_rgb
+
+    path = save(tmp_path / "big.png", Image.new("L", (1200, 1000), 128))
+    assert read_rgb(path).shape == (3, 1000, 1200)
+    monkeypatch.setattr(rz, "MAX_DECODED_PIXELS", 1_000_000)
+    with pytest.raises(ImageTooLarge, match="too large"):
+        read_rgb(path)
 
 
 def test_a_second_run_writes_nothing(raw):
