@@ -19,26 +19,14 @@ from mobilenet_fn import train as train_lib
 from mobilenet_fn.cli.main import app
 from mobilenet_fn.rundir import RunDir
 from mobilenet_fn.weights import checkpoint_from_dict, load_checkpoint, load_weights, save_checkpoint
-from test_train_cli import _interrupt_after
+from test_train_cli import _colour_folder, _interrupt_after
 from test_weights import one_line_error
 
+pytestmark = pytest.mark.kernels  # trains: .ci/run runs these again with AVX2 kernels
 runner = CliRunner()
 ARGS = ["--alpha", "0.25", "--resolution", "32", "--batch-size", "8", "--epochs", "2", "--device", "cpu",
         "--compile", "off", "--workers", "0", "--cache", "off", "--dropout", "0.2"]
 TIMING = ("seconds", "img_per_s", "data_wait")
-
-
-def _folder(root, n=20):
-    """Two classes of 32 px noisy pictures, red ones and blue ones: 32 training images (4 steps of 8), 8 to
-    validate."""
-    g = torch.Generator().manual_seed(0)
-    for c, channel in (("red", 0), ("blue", 2)):
-        (root / c).mkdir(parents=True)
-        for i in range(n):
-            pixels = torch.randint(0, 120, (32, 32, 3), dtype=torch.uint8, generator=g)
-            pixels[..., channel] += 120
-            Image.fromarray(pixels.numpy()).save(root / c / f"{i:02d}.png")
-    return root
 
 
 def _with_test_set(load):
@@ -60,7 +48,7 @@ def _test_set():
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    return _folder(tmp_path_factory.mktemp("data") / "photos")
+    return _colour_folder(tmp_path_factory.mktemp("data") / "photos")
 
 
 def train(*args):
