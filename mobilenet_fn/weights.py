@@ -296,8 +296,8 @@ def _value_fits(value, annotation: str) -> bool:
 
 
 def _fields_problem(name: str, d, cls) -> str | None:
-    """``d`` is a dict of exactly the fields of dataclass ``cls`` (those with defaults may be left out when
-    ``partial``), each a plain value of its annotated type."""
+    """``d`` is a dict of fields of dataclass ``cls`` (any may be left out), each a plain value of its annotated
+    type."""
     if not isinstance(d, dict):
         return f"{name} must be a dict, not a {type(d).__name__}"
     fields = {f.name: f.type for f in dataclasses.fields(cls)}
@@ -450,6 +450,9 @@ def _checkpoint_problem(obj: dict) -> str | None:
         problem = _fields_problem("epoch_progress", obj["epoch_progress"], EpochProgress)
         if problem:
             return problem
+        missing = [f.name for f in dataclasses.fields(EpochProgress) if f.name not in obj["epoch_progress"]]
+        if missing:  # written whole, so a part is damage
+            return "epoch_progress lacks " + ", ".join(missing)
         progress = EpochProgress(**obj["epoch_progress"])
         if not 0 <= progress.correct <= progress.seen:
             return f"epoch_progress: {progress.correct} right answers of {progress.seen} images"

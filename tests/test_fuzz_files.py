@@ -184,6 +184,7 @@ def structure_cases(base: dict, label: str, long: bool):
     import torch
 
     from mobilenet_fn.train import OLDER_RUNS
+    from mobilenet_fn.weights import CHECKPOINT_OPTIONAL
 
     paths = list(field_paths(base))
     names = list(bad_values())
@@ -201,7 +202,7 @@ def structure_cases(base: dict, label: str, long: bool):
                 expect = "any"
             yield f"{label}: {_name(path)} = {name}", with_change(base, path, "set", value), expect
         # config: defaults fill in; run options added later: older runs lack them (train.OLDER_RUNS)
-        optional = (path[0] in FREE or path == ("world",) or path[0] == "config"
+        optional = (path[0] in FREE or (len(path) == 1 and path[0] in CHECKPOINT_OPTIONAL) or path[0] == "config"
                     or (len(path) == 2 and path[0] == "run" and path[1] in OLDER_RUNS))
         yield f"{label}: del {_name(path)}", with_change(base, path, "del"), "any" if optional else "refuse"
     for path in [()] + [p for p in paths if isinstance(get(base, p), dict) and p[0] not in FREE]:
