@@ -37,11 +37,12 @@ def quantize(
     force: FORCE = False,
     json: JSON = False,
 ):
-    """Quantize to int8 ONNX (QDQ: 7-bit int8 weights per channel, uint8 activations) with onnxruntime.
+    """Quantize to int8 ONNX (QDQ: int8 weights per channel, uint8 activations) with onnxruntime.
 
     BatchNorm is folded, the model exported, its activation ranges calibrated on images prepared with the weights
-    file's own preprocessing. Weights are 7-bit (|w| ≤ 64) so that ONNX Runtime's kernels cannot saturate on CPUs
-    without VNNI: the file gives the same results on every x86 CPU. It is written only if, on held-out images, the
+    file's own preprocessing. Weights are 7-bit (|w| ≤ 64) where ONNX Runtime adds products in pairs into a
+    saturating int16 on CPUs without VNNI, 8-bit in depthwise filters, whose kernels cannot saturate: the file gives
+    the same results on every x86 CPU. It is written only if, on held-out images, the
     int8 model's top class agrees with the float model's often enough (near-ties aside) and its top-1 accuracy
     drops little enough.
     """

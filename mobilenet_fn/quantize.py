@@ -8,14 +8,19 @@ QDQ format, int8 weights per output channel, uint8 activations with ranges calib
 file's own preprocessing prepares. Per-channel matters for depthwise filters, whose ranges differ by orders of
 magnitude from one channel to the next: one range per tensor collapses them.
 
-The weights are 7-bit (onnxruntime's ``reduce_range``: symmetric, |w| ≤ 64) so that the file computes the same on
-every x86 CPU. Without VNNI (AVX2, or AVX-512 without VNNI), ONNX Runtime's u8s8 kernels multiply with vpmaddubsw,
-which adds two adjacent uint8 × int8 products into an int16 and saturates: with full 8-bit weights a pair reaches
-2 · 255 · 127 = 64770, and the sum is clipped to 32767, silently (a model checked on a VNNI machine agreed 83.6 % with
-float on an AVX2 one). With |w| ≤ 64 a pair is at most 2 · 255 · 64 = 32640: no input can saturate it, and every CPU
-gives what VNNI's exact 32-bit accumulation gives. ``reduce_range`` narrows every weight initializer the QDQ
-quantizer writes (the stem, depthwise and pointwise convolutions, the classifier's Gemm); activations keep their
-full 8 bits.
+The weights are chosen so that the file computes the same on every x86 CPU. Without VNNI (AVX2, or AVX-512
+without VNNI), ONNX Runtime's u8s8 matrix kernels (MLAS's ConvSym kernel for the stem and pointwise convolutions,
+QGemm for MatMul and Gemm) multiply with vpmaddubsw, which adds two adjacent uint8 × int8 products into an int16 and
+saturates: with full 8-bit weights a pair reaches 2 · 255 · 127 = 64770, and the sum is clipped to 32767, silently (a
+model checked on a VNNI machine agreed 83.6 % with float on an AVX2 one). Those weights are therefore 7-bit
+(onnxruntime's ``reduce_range``: symmetric, |w| ≤ 64), and a pair is at most 2 · 255 · 64 = 32640: no input can
+saturate it. Depthwise filters keep their 8 bits (|w| ≤ 127): every depthwise kernel of MLAS multiplies one uint8
+input by one weight at a time, widened first (ConvSym's AVX2 kernel zero- and sign-extends both to 32 bits for
+vpmaddwd; its AVX-512 kernel leaves a zero byte beside each, so a vpmaddubsw pair is one product, at most 255 · 128 =
+32640; the VNNI kernels accumulate in 32 bits; the generic kernel that takes channel counts not a multiple of 16
+widens to 16 bits), so they cannot saturate. Depthwise filters are also where 7 bits cost most top-1; unsigned
+8-bit weights everywhere (MLAS's U8U8 kernels, exact on every CPU) kept the accuracy but lost most of the speed.
+Both are measured in the README's int8 section.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ MIN_AGREEMENT = 0.98  # of the int8 model's top-1 with the float model's outside
 MAX_DROP = 0.01  # of top-1 accuracy, float to int8
 NEAR_TIE = 0.05  # float probability gap below which the int8 model's other choice is not counted as disagreeing
 MAX_WEIGHT = 64  # |int8 weight| with reduce_range: 2 · 255 · 64 ≤ 32767, no u8s8 pair sum can saturate
+MAX_DEPTHWISE_WEIGHT = 127  # |int8 weight| of a depthwise filter: MLAS multiplies those one product at a time
 BATCH = 64
 CALIBRATION_BATCH = 50
 
@@ -145,6 +151,19 @@ def compare(float_model: OnnxModel, int8_model: OnnxModel, source: data_lib.Sour
     return comparison(torch.cat(float_logits), torch.cat(int8_logits), torch.cat(labels), near_tie)
 
 
+def depthwise_weights(model) -> list[str]:
+    """The names of the weight initializers of ``model``'s (an onnx.ModelProto) depthwise convolutions: a Conv
+    whose weight (C, 1, kh, kw) gives each of its ``group`` = C channels a filter of its own."""
+    weights = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    names = []
+    for node in model.graph.node:
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        shape = weights.get(node.input[1]) if node.op_type == "Conv" else None
+        if shape is not None and group > 1 and shape[:2] == (group, 1):
+            names.append(node.input[1])
+    return names
+
+
 def quantize_onnx(weights: Weights, path: str | Path, calibration: data_lib.Source, held_out: data_lib.Source, *,
                   method: str = DEFAULT_METHOD, calibration_images: int = CALIBRATION_IMAGES,
                   check_images: int = CHECK_IMAGES, min_agreement: float = MIN_AGREEMENT,
@@ -157,6 +176,7 @@ def quantize_onnx(weights: Weights, path: str | Path, calibration: data_lib.Sour
         raise ValueError(f"unknown calibration method {method!r}; use one of {', '.join(CALIBRATION_METHODS)}")
     quantization = require("onnxruntime.quantization", "quantizing to int8", "export")
     shape_inference = require("onnxruntime.quantization.shape_inference", "quantizing to int8", "export")
+    onnx = require("onnx", "quantizing to int8", "export")
     inputs = calibration_inputs(subset(calibration, calibration_images, seed), weights.preprocess)
     held_out = subset(held_out, check_images, seed)
     result = None
@@ -175,21 +195,28 @@ def quantize_onnx(weights: Weights, path: str | Path, calibration: data_lib.Sour
         float_model = load_onnx(float_path)
         with quiet():  # onnxruntime's tools print progress and log advice on stdout and stderr
             shape_inference.quant_pre_process(str(float_path), str(prepared_path))
+        full_range = {name: [{"axis": 0, "reduce_range": False}]  # 8-bit: see the module's docstring
+                      for name in depthwise_weights(onnx.load(prepared_path))}
 
         def write(tmp: str) -> None:
             nonlocal result
             with quiet():
                 quantization.quantize_static(
                     str(prepared_path), tmp, Reader(), quant_format=quantization.QuantFormat.QDQ, per_channel=True,
-                    reduce_range=True,  # MAX_WEIGHT: see the module's docstring
+                    reduce_range=True,  # MAX_WEIGHT, but for the depthwise filters in full_range
                     activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
                     calibrate_method=getattr(quantization.CalibrationMethod, CALIBRATION_METHODS[method]),
-                    extra_options={"OpTypesToExcludeOutputQuantization": ["Gemm"]})  # float logits: no ties
+                    extra_options={"OpTypesToExcludeOutputQuantization": ["Gemm"],  # float logits: no ties
+                                   "TensorQuantOverrides": full_range})
             write_description(tmp, description(weights, quantization={
                 "method": method, "calibration_images": sum(len(x) for x in inputs), "format": "QDQ",
-                "weights": f"int8 per output channel, symmetric, 7-bit: |w| ≤ {MAX_WEIGHT}", "activations": "uint8",
-                "assumes": f"weights 7-bit so that ONNX Runtime's u8s8 kernels cannot saturate on CPUs without VNNI "
-                           f"(2 · 255 · {MAX_WEIGHT} ≤ 32767): the same results on every x86 CPU"}))
+                "weights": f"int8 per output channel, symmetric: |w| ≤ {MAX_DEPTHWISE_WEIGHT} in depthwise "
+                           f"convolutions, |w| ≤ {MAX_WEIGHT} (7-bit) in the others and the classifier",
+                "activations": "uint8",
+                "assumes": f"ONNX Runtime's x86 kernels: those that add uint8 x int8 products in pairs into a "
+                           f"saturating int16 on CPUs without VNNI (convolutions other than depthwise, MatMul, Gemm) "
+                           f"get 7-bit weights (2 · 255 · {MAX_WEIGHT} ≤ 32767); its depthwise kernels multiply one "
+                           f"product at a time in 16 or 32 bits and get 8. The same results on every x86 CPU"}))
             result = compare(float_model, load_onnx(tmp), held_out, near_tie)
             if not result.passes(min_agreement, max_drop):
                 raise QuantizeError(f"{path}: not written: {summary(result)}; the check asks for agreement outside "

@@ -138,9 +138,8 @@ def test_export_carries_classes_and_preprocessing_and_runs_as_apply(tmp_path):
 
 
 def quantized_operands(path):
-    """For each Conv, MatMul and Gemm of the QDQ file at ``path`` (the ops that ONNX Runtime runs as u8s8 matrix
-    products): (op type, its int8 weight as numpy, the type of the quantized activation it reads, the number of
-    weight scales)."""
+    """For each Conv, MatMul and Gemm of the QDQ file at ``path``: (op type, whether it is depthwise, its int8
+    weight as numpy, the type of the quantized activation it reads, the number of weight scales)."""
     from onnx import numpy_helper
 
     graph = onnx.load(path).graph
@@ -154,7 +153,10 @@ def quantized_operands(path):
             activation_type = inits[activation_dq.input[2]].data_type  # the zero point's type is the tensor's
             weight = inits[weight_dq.input[0]]
             assert weight.data_type == onnx.TensorProto.INT8, node.name
-            operands.append((node.op_type, numpy_helper.to_array(weight), activation_type,
+            w = numpy_helper.to_array(weight)
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            depthwise = node.op_type == "Conv" and group > 1 and w.shape[:2] == (group, 1)
+            operands.append((node.op_type, depthwise, w, activation_type,
                              int(numpy_helper.to_array(inits[weight_dq.input[1]]).size)))
     return operands
 
@@ -162,7 +164,7 @@ def quantized_operands(path):
 def test_int8_file_tracks_apply_and_cannot_saturate_without_vnni(tmp_path, trained):
     from mobilenet_fn.data import batches
     from mobilenet_fn.onnx_model import load_onnx
-    from mobilenet_fn.quantize import MAX_WEIGHT
+    from mobilenet_fn.quantize import MAX_DEPTHWISE_WEIGHT, MAX_WEIGHT
 
     data, w = trained
     result = quantize(tmp_path, data, "--json", "--images", 100)
@@ -177,27 +179,50 @@ def test_int8_file_tracks_apply_and_cannot_saturate_without_vnni(tmp_path, train
     ops = [n.op_type for n in onnx.load(tmp_path / "m.int8.onnx").graph.node]
     assert "BatchNormalization" not in ops and ops.count("QuantizeLinear") > 27  # activations between the layers
     operands = quantized_operands(tmp_path / "m.int8.onnx")
-    # the stem and 23 more convolutions, the pointwise layers on 1 x 1 maps as MatMul, the classifier
+    # the stem, 12 depthwise and 11 pointwise convolutions, the layers on 1 x 1 maps as MatMul (pointwise) and Mul
+    # (the last depthwise filter: its centre tap), the classifier
+    assert [(op, dw) for op, dw, *_ in operands].count(("Conv", True)) == 12
     assert [op for op, *_ in operands].count("Conv") == 24 and {op for op, *_ in operands} == {"Conv", "MatMul",
                                                                                               "Gemm"}
-    # Without VNNI, ONNX Runtime adds two uint8 x int8 products in a saturating int16: it must not be reachable.
-    for i, (op, weight, activation_type, scales) in enumerate(operands):
+    for i, (op, depthwise, weight, activation_type, scales) in enumerate(operands):
         assert activation_type == onnx.TensorProto.UINT8, (i, op)
-        assert 2 * 255 * abs(weight.astype(int)).max() <= 32767, (i, op)
-        assert abs(weight.astype(int)).max() == MAX_WEIGHT, (i, op)  # the range is used: each has a weight of 1
+        largest = abs(weight.astype(int)).max()
+        if depthwise:  # one product at a time in every MLAS depthwise kernel: the full 8 bits, used
+            assert largest == MAX_DEPTHWISE_WEIGHT == 127, i
+        else:  # without VNNI, ONNX Runtime adds two uint8 x int8 products in a saturating int16: unreachable
+            assert 2 * 255 * largest <= 32767, (i, op)
+            assert largest == MAX_WEIGHT, (i, op)  # the range is used: each layer has a weight of 1
         if op == "Conv":
             assert scales == weight.shape[0], i  # one scale per output channel
-    assert operands[0][3] == 8  # the stem: int(32 * 0.25) output channels
+    assert operands[0][4] == 8 and not operands[0][1]  # the stem: int(32 * 0.25) output channels
 
     model = load_onnx(tmp_path / "m.int8.onnx")
     assert model.quantization["method"] == "minmax" and model.quantization["calibration_images"] == 100
     assert f"|w| ≤ {MAX_WEIGHT}" in model.quantization["weights"] and "VNNI" in model.quantization["assumes"]
+    assert f"|w| ≤ {MAX_DEPTHWISE_WEIGHT} in depthwise" in model.quantization["weights"]
     assert (model.classes, model.preprocess) == (w.classes, w.preprocess)
     x = torch.cat([b.x for b in batches(load(str(data)).val, w.preprocess, batch_size=64, train=False)])
     ref = apply(w.config, w.params, w.state, x, train=False)[0]
     out = model(x)
     assert 0 < (out - ref).abs().max() < 0.5  # uint8 steps of features near 3 (and margins of at least 2.4)
     assert torch.equal(out.argmax(1), ref.argmax(1)) and ref.argmax(1).unique().numel() == 4
+
+
+def test_depthwise_weights_are_the_convolutions_with_a_filter_per_channel(tmp_path):
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from mobilenet_fn.export import export_onnx
+    from mobilenet_fn.quantize import depthwise_weights
+
+    w = trained_like(Config(alpha=0.25, resolution=64, num_classes=3), list("abc"))  # no 1 x 1 map: 13 Convs
+    export_onnx(w, tmp_path / "m.onnx", fold_bn=True)
+    quant_pre_process(str(tmp_path / "m.onnx"), str(tmp_path / "prepared.onnx"))  # as quantize_onnx reads it
+    model = onnx.load(tmp_path / "prepared.onnx")
+    names = depthwise_weights(model)
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    assert len(names) == 13 and all(inits[n][1:] == (1, 3, 3) for n in names)
+    convs = [n.input[1] for n in model.graph.node if n.op_type == "Conv"]
+    assert len(convs) > 13 and all(inits[n][1:] != (1, 3, 3) for n in convs if n not in names)
 
 
 def test_the_check_forgives_near_ties_and_counts_decisive_flips():
