@@ -11,7 +11,8 @@ ones, BatchNorm statistics included):
   float torch   ``model.apply`` on ``model.fold_batchnorm``'s tree, channels-last, eager, under ``no_grad``: what
                 ``eval`` and ``predict`` run (``step.inference_policy``).
   float ORT     ``export_onnx(fold_bn=True)`` run by onnxruntime.
-  int8 ORT      ``quantize.quantize_onnx``: what ``mobilenet-fn quantize`` writes.
+  int8 ORT      ``quantize.quantize_onnx``: what ``mobilenet-fn quantize`` writes (8-bit depthwise filters,
+                7-bit weights elsewhere).
   int8 PT2E     ``torch.export`` of the folded model, ``prepare_pt2e``/``convert_pt2e`` with the x86 Inductor
                 quantizer (torchao's; per-channel int8 weights, uint8 activations), then ``torch.compile`` with
                 inductor's freezing (which int8 needs to prepack its weights).
@@ -45,7 +46,10 @@ from mobilenet_fn.quantize import (CALIBRATION_IMAGES, calibration_inputs, quant
 from mobilenet_fn.step import inference_policy
 from mobilenet_fn.weights import Weights, load_weights
 
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+# VNNI (avx512_vnni, or avx_vnni on AVX2-only cores) decides ONNX Runtime's u8s8 kernel: without it, vpmaddubsw,
+# whose int16 pair sums saturate unless the weights are 7-bit, as quantize writes them outside depthwise filters
+# (mobilenet_fn/quantize.py).
+CPU_FLAGS = ("avx2", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
 
 def log(msg: str) -> None:
