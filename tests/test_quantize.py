@@ -15,6 +15,7 @@ from mobilenet_fn.data import load, preprocess_for
 from test_weights import make_weights, one_line_error
 
 ort = pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.kernels  # quantizes: .ci/run runs these again with AVX2 kernels
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 runner = CliRunner()
