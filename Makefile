@@ -7,12 +7,12 @@ PINS := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: venv train test test-avx2 bench clean
 
+# --no-compile: Python compiles the modules it imports when first used, not every module installed.
 # PYTHONWARNINGS hides setuptools' one notice on an editable install of this layout (cli/ installed as
 # mobilenet_fn.cli): information, not a warning ("be careful with folders named like the package").
 $(BIN)/mobilenet-fn: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	PYTHONWARNINGS='ignore:Editable installation' $(BIN)/pip install -q $(PINS) -e '.[test]'
+	PYTHONWARNINGS='ignore:Editable installation' $(BIN)/pip install -q --no-compile $(PINS) -e '.[test]'
 	touch $@
 
 venv: $(BIN)/mobilenet-fn
