@@ -16,6 +16,7 @@ The int8 issue will add ONNX metadata; there is nothing to fuzz there yet.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -57,16 +58,23 @@ def valid_weights() -> dict:
         return torch.load(Path(tmp) / "w.pkl", weights_only=True)
 
 
+@functools.cache
+def sample_at_32():
+    """The embedded sample at 32 px, decoded once per process."""
+    from mobilenet_fn import data as data_lib
+
+    return data_lib.load("sample", resolution=32)
+
+
 def valid_checkpoint(optimizer: str = "adamw", freeze_backbone: bool = False, ema: float = 0.0) -> dict:
     """A real ``Trainer.checkpoint()`` of a tiny model on the sample data, as ``save_checkpoint`` writes it."""
     import torch
 
-    from mobilenet_fn import data as data_lib
     from mobilenet_fn.model import Config
     from mobilenet_fn.train import TrainOptions, Trainer
     from mobilenet_fn.weights import CHECKPOINT_FORMAT
 
-    ds = data_lib.load("sample", resolution=32)
+    ds = sample_at_32()
     opts = TrainOptions(data="sample", epochs=2, batch_size=8, compile="off", channels_last="off", amp="off",
                         workers=0, optimizer=optimizer, freeze_backbone=freeze_backbone, ema=ema)
     trainer = Trainer(Config(alpha=0.25, resolution=32, num_classes=len(ds.classes)), opts, ds, torch.device("cpu"))
@@ -348,7 +356,8 @@ def _vm_size() -> int:
     raise RuntimeError("no VmSize")
 
 
-def drive(folder: Path, long: bool) -> dict:
+def drive(folder: Path, long: bool, part: int = 0, parts: int = 1) -> dict:
+    """Runs every ``parts``-th case, from the ``part``-th, in this process; returns their records."""
     import resource
     import signal
 
@@ -384,7 +393,9 @@ def drive(folder: Path, long: bool) -> dict:
 
     signal.signal(signal.SIGALRM, on_alarm)
     records = []
-    for name, kind, obj, expect in all_cases(long):
+    for i, (name, kind, obj, expect) in enumerate(all_cases(long)):
+        if i % parts != part:
+            continue
         record = {"case": name, "kind": kind, "expect": expect, "path": str(path)}
         t0 = time.perf_counter()
         signal.alarm(CASE_SECONDS * 4)
@@ -422,19 +433,29 @@ def drive(folder: Path, long: bool) -> dict:
     return {"ceiling": ceiling, "baseline_rss": baseline_rss, "records": records}
 
 
-def run_driver(tmp_path: Path, long: bool) -> dict:
-    report = tmp_path / "report.json"
+def run_driver(tmp_path: Path, long: bool, parts: int = 2) -> dict:
+    """The cases shared out among ``parts`` driver processes of one thread each, run at once; their reports
+    merged."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, __file__, str(tmp_path), "long" if long else "default", str(report)],
-                          capture_output=True, text=True, timeout=3000 if long else 600, env=env)
-    assert done.returncode == 0, done.stderr[-5000:]
-    return json.loads(report.read_text())
+    folders = [tmp_path / f"part{i}" for i in range(parts)]
+    drivers = []
+    for i, folder in enumerate(folders):
+        folder.mkdir()
+        drivers.append(subprocess.Popen([sys.executable, __file__, str(folder), "long" if long else "default",
+                                         str(folder / "report.json"), str(i), str(parts)],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    for driver in drivers:
+        _, stderr = driver.communicate(timeout=3000 if long else 600)
+        assert driver.returncode == 0, stderr[-5000:]
+    reports = [json.loads((folder / "report.json").read_text()) for folder in folders]
+    return {"ceiling": max(r["ceiling"] for r in reports), "baseline_rss": max(r["baseline_rss"] for r in reports),
+            "seconds": max(r["seconds"] for r in reports), "records": [c for r in reports for c in r["records"]]}
 
 
 if __name__ == "__main__":
-    folder, mode, report_path = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+    folder, mode, report_path, part, parts = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), *map(int, sys.argv[4:6])
     t = time.perf_counter()
-    result = drive(folder, mode == "long")
+    result = drive(folder, mode == "long", part, parts)
     result["seconds"] = time.perf_counter() - t
     report_path.write_text(json.dumps(result))
     sys.exit(0)

@@ -161,7 +161,8 @@ def test_the_epoch_under_way_carries_over_to_another_number_of_processes(photos,
 
 @pytest.mark.parametrize("progress, message", [
     ({"loss": float("nan")}, "epoch_progress.loss must be a finite number"),
-    ({"correct": 9, "seen": 8}, "epoch_progress: 9 right answers of 8 images"),
+    ({"loss": 1.0, "correct": 9, "seen": 8, "trained": False}, "epoch_progress: 9 right answers of 8 images"),
+    ({"loss": 1.0, "correct": 1, "seen": 8}, "epoch_progress lacks trained"),
     ({"trained": 1}, "epoch_progress.trained must be true or false"),
     ({"batches": 3}, "unknown epoch_progress keys: 'batches'"),
     ([1.0, 2, 3], "epoch_progress must be a dict"),
