@@ -7,12 +7,14 @@ PINS := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: venv train test test-avx2 bench clean
 
-# --no-compile: Python compiles the modules it imports when first used, not every module installed.
+# The installed modules are compiled to bytecode by compileall on every core rather than by pip on one (where
+# PYTHONDONTWRITEBYTECODE is set, nothing compiled later is kept, and every process would compile torch anew).
 # PYTHONWARNINGS hides setuptools' one notice on an editable install of this layout (cli/ installed as
 # mobilenet_fn.cli): information, not a warning ("be careful with folders named like the package").
 $(BIN)/mobilenet-fn: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	PYTHONWARNINGS='ignore:Editable installation' $(BIN)/pip install -q --no-compile $(PINS) -e '.[test]'
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib >/dev/null || true  # as pip does, leaves what won't compile
 	touch $@
 
 venv: $(BIN)/mobilenet-fn
