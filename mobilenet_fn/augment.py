@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -292,15 +293,16 @@ def cutmix_boxes(lam: torch.Tensor, h: int, w: int, cy: torch.Tensor, cx: torch.
 def mix_params(n: int, h: int, w: int, mixup: float, cutmix: float,
                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(lam, boxes) for ``mix``: each image's weight of its own pixels and label, and its cutmix box (height 0 for
-    mixup). Drawn on the CPU (Beta sampling takes no generator: torch's global one is seeded from ``generator``
-    and restored)."""
+    mixup). Drawn on the CPU from a seed that ``generator`` gives: torch's own generators for the switch and the box
+    centres, numpy's for the Beta weights (torch's Beta sampling takes no generator, and its global one is shared
+    with the thread that runs the step, whose dropout draws from it while this runs in the batch thread)."""
     seed = int(torch.randint(2**62, (), generator=generator, device=generator.device))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        use_cut = torch.rand(n) < (CUTMIX_SWITCH if mixup > 0 else 1.0) if cutmix > 0 else torch.zeros(n, dtype=bool)
-        lam_mix = torch.distributions.Beta(mixup, mixup).sample((n,)) if mixup > 0 else torch.ones(n)
-        lam_cut = torch.distributions.Beta(cutmix, cutmix).sample((n,)) if cutmix > 0 else torch.ones(n)
-        cy, cx = torch.randint(h, (n,)), torch.randint(w, (n,))
+    cpu, beta = torch.Generator().manual_seed(seed), np.random.default_rng(seed).beta
+    use_cut = (torch.rand(n, generator=cpu) < (CUTMIX_SWITCH if mixup > 0 else 1.0) if cutmix > 0
+               else torch.zeros(n, dtype=torch.bool))
+    lam_mix = torch.from_numpy(beta(mixup, mixup, n)).float() if mixup > 0 else torch.ones(n)
+    lam_cut = torch.from_numpy(beta(cutmix, cutmix, n)).float() if cutmix > 0 else torch.ones(n)
+    cy, cx = torch.randint(h, (n,), generator=cpu), torch.randint(w, (n,), generator=cpu)
     boxes = cutmix_boxes(lam_cut, h, w, cy, cx)
     boxes[~use_cut, 2:] = 0
     area = (boxes[:, 2] * boxes[:, 3]).to(lam_mix.dtype)
