@@ -73,7 +73,6 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, *, after: float = 0.
     return proc.communicate(timeout=timeout)[1]
 
 
-
 def brightest_channel_weights(cfg: Config, scale: float = 10.0, shift: float = 3.0) -> tuple[dict, dict]:
     """(params, state) of a MobileNet built by hand whose class k is input channel k (k < 3): every layer passes
     the three normalised colour channels on unchanged (shifted by ``shift`` in the stem, so that no ReLU cuts
