@@ -7,14 +7,16 @@ PINS := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: venv train test test-avx2 bench clean
 
-# The installed modules are compiled to bytecode by compileall on every core rather than by pip on one (where
-# PYTHONDONTWRITEBYTECODE is set, nothing compiled later is kept, and every process would compile torch anew).
+# Modules are compiled to bytecode as they are first imported, not all of them at install (pip --no-compile: the
+# tests import a small part of torch). Where PYTHONDONTWRITEBYTECODE is set, nothing would be kept and every
+# process would compile torch anew: the commands below run without it.
+unexport PYTHONDONTWRITEBYTECODE
+
 # PYTHONWARNINGS hides setuptools' one notice on an editable install of this layout (cli/ installed as
 # mobilenet_fn.cli): information, not a warning ("be careful with folders named like the package").
 $(BIN)/mobilenet-fn: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	PYTHONWARNINGS='ignore:Editable installation' $(BIN)/pip install -q --no-compile $(PINS) -e '.[test]'
-	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib >/dev/null || true  # as pip does, leaves what won't compile
 	touch $@
 
 venv: $(BIN)/mobilenet-fn

@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 
 from mobilenet_fn import data as data_lib
-from mobilenet_fn.augment import CROP_SCALE, Augment
+from mobilenet_fn.augment import Augment
+from mobilenet_fn.options import CROP_SCALE
 from mobilenet_fn.optim import make_schedule
 
 
@@ -130,7 +131,7 @@ def main(argv=None) -> None:
     p.add_argument("--activation", default="relu", choices=("relu", "relu6"))
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--ema", type=float, default=0.0, help="ModelEmaV3 decay (0: off)")
-    p.add_argument("--crop-scale", type=float, default=CROP_SCALE[0])
+    p.add_argument("--crop-scale", type=float, default=CROP_SCALE)
     p.add_argument("--reprob", type=float, default=0.0)
     p.add_argument("--mixup", type=float, default=0.0)
     p.add_argument("--cutmix", type=float, default=0.0)

@@ -32,7 +32,8 @@ from mobilenet_fn import cache
 from mobilenet_fn import data as data_lib
 from mobilenet_fn.model import Config
 from mobilenet_fn.step import keep_freed_memory
-from mobilenet_fn.train import EpochEvent, Trainer, TrainOptions
+from mobilenet_fn.options import TrainOptions
+from mobilenet_fn.train import EpochEvent, Trainer, augmentation
 
 
 def machine() -> str:
@@ -101,8 +102,8 @@ def step_alone(trainer: Trainer, steps: int) -> float:
     reach if batches cost nothing."""
     ds, opts = trainer.dataset, trainer.opts
     batch = next(data_lib.batches(ds.train, ds.preprocess, batch_size=opts.batch_size, train=True,
-                                  augment=opts.augmentation, channels_last=trainer.policy.channels_last))
-    step, trees, lr = trainer.build_step(), (trainer.params, trainer.state, trainer.opt_state), torch.tensor(0.01)
+                                  augment=augmentation(opts), channels_last=trainer.policy.channels_last))
+    step, trees, lr = trainer.make_step(), (trainer.params, trainer.state, trainer.opt_state), torch.tensor(0.01)
     t0 = time.perf_counter()
     for _ in range(steps):
         *trees, metrics = step(*trees, (batch.x, batch.y), lr)

@@ -39,7 +39,7 @@ INGREDIENTS = {  # name: (the recipe key that turns it on, the flags that turn i
 def variants(recipe: dict) -> dict[str, list[str]]:
     """The runs: the whole recipe, one without each ingredient it uses and one with each it does not."""
     from mobilenet_fn.data import DEFAULT_RESOLUTION
-    from mobilenet_fn.train import TrainOptions
+    from mobilenet_fn.options import TrainOptions
 
     defaults = {"crop_scale": TrainOptions.crop_scale,
                 "resolution": DEFAULT_RESOLUTION.get(recipe.get("data", ""), 224)}

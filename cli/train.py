@@ -5,7 +5,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from mobilenet_fn.options import DEFAULT_ALPHA, DEFAULTS
+
 from .common import DEVICE, RHO, UserError, err, fail, pick_device, user_errors
+from .launch import Terminated, launch, sigterm_interrupts
 
 Opt = typer.Option
 
@@ -45,57 +48,59 @@ def train(
                                           help="A recipe: a TOML file of these options (e.g. epochs = 30, "
                                                "auto-augment = \"trivial\"); flags given here override it.")] = None,
     data: Annotated[str, Opt(help="sample, fashion-mnist, imagenette, or a folder (train/ + val/, or one folder "
-                                  "per class).")] = "sample",
-    alpha: Annotated[Optional[float], Opt("--alpha", "-a", help="Width multiplier α (default 0.5; with --init: "
-                                          "the file's).")] = None,
+                                  "per class).")] = DEFAULTS.data,
+    alpha: Annotated[Optional[float], Opt("--alpha", "-a", help=f"Width multiplier α (default {DEFAULT_ALPHA}; with "
+                                          "--init: the file's).")] = None,
     resolution: Annotated[Optional[int], Opt("--resolution", "-r", help="Input size; default per data: 32 for "
                                              "sample and fashion-mnist, 160 for imagenette, 224 for folders.")] = None,
     rho: RHO = None,
     activation: Annotated[Optional[str], Opt(help="relu (the paper's, default) or relu6.")] = None,
     dropout: Annotated[float, Opt(help="Dropout before the classifier.")] = 0.0,
     device: DEVICE = "auto",
-    epochs: Annotated[Optional[int], Opt(help="Epochs to train, default 15 (with --resume: the new total).")] = None,
+    epochs: Annotated[Optional[int], Opt(help=f"Epochs to train, default {DEFAULTS.epochs} (with --resume: the "
+                                                       "new total).")] = None,
     batch_size: Annotated[str, Opt("--batch-size", "-b", help="Images per step (per process), or auto: the "
-                                                              "largest power of two that fits the GPU.")] = "64",
-    lr: Annotated[float, Opt(help="Peak learning rate.")] = 0.1,
-    optimizer: Annotated[str, Opt(help="sgd (Nesterov momentum), rmsprop (the paper's) or adamw.")] = "sgd",
-    schedule: Annotated[str, Opt(help="cosine (with warmup), step or constant.")] = "cosine",
-    warmup_epochs: Annotated[float, Opt(help="Linear warmup length in epochs.")] = 1.0,
-    weight_decay: Annotated[float, Opt(help="On conv, pointwise and classifier weights only (paper §4).")] = 4e-5,
-    label_smoothing: Annotated[float, Opt(help="Label smoothing of the cross-entropy.")] = 0.1,
-    augment: Annotated[str, Opt(help="crop-flip (random resized crop + flip) or none.")] = "crop-flip",
+                                                              "largest power of two that fits the GPU.")
+                          ] = str(DEFAULTS.batch_size),
+    lr: Annotated[float, Opt(help="Peak learning rate.")] = DEFAULTS.lr,
+    optimizer: Annotated[str, Opt(help="sgd (Nesterov momentum), rmsprop (the paper's) or adamw.")] = DEFAULTS.optimizer,
+    schedule: Annotated[str, Opt(help="cosine (with warmup), step or constant.")] = DEFAULTS.schedule,
+    warmup_epochs: Annotated[float, Opt(help="Linear warmup length in epochs.")] = DEFAULTS.warmup_epochs,
+    weight_decay: Annotated[float, Opt(help="On conv, pointwise and classifier weights only (paper §4).")] = DEFAULTS.weight_decay,
+    label_smoothing: Annotated[float, Opt(help="Label smoothing of the cross-entropy.")] = DEFAULTS.label_smoothing,
+    augment: Annotated[str, Opt(help="crop-flip (random resized crop + flip) or none.")] = DEFAULTS.augment,
     crop_scale: Annotated[float, Opt(help="The least share of the image's area a random crop holds (timm's "
                                           "--scale lower bound); small images such as Fashion-MNIST's want more.")
-                          ] = 0.25,
+                          ] = DEFAULTS.crop_scale,
     auto_augment: Annotated[str, Opt(help="Automatic augmentation per image: trivial (TrivialAugment-Wide) or "
-                                          "none.")] = "none",
-    reprob: Annotated[float, Opt(help="Random erasing: the probability that an image gets a box of noise.")] = 0.0,
-    mixup: Annotated[float, Opt(help="Mixup's Beta alpha, e.g. 0.2 (0: off).")] = 0.0,
+                                          "none.")] = DEFAULTS.auto_augment,
+    reprob: Annotated[float, Opt(help="Random erasing: the probability that an image gets a box of noise.")] = DEFAULTS.reprob,
+    mixup: Annotated[float, Opt(help="Mixup's Beta alpha, e.g. 0.2 (0: off).")] = DEFAULTS.mixup,
     cutmix: Annotated[float, Opt(help="Cutmix's Beta alpha, e.g. 1.0 (0: off); with --mixup, each image gets "
-                                      "one or the other.")] = 0.0,
+                                      "one or the other.")] = DEFAULTS.cutmix,
     ema: Annotated[float, Opt(help="Decay of a weight EMA, e.g. 0.9998 (0: off); validation, best.ckpt and "
-                                   "weights.pkl then use the average.")] = 0.0,
-    ema_warmup: Annotated[bool, Opt(help="Ramp the EMA decay up early in training, as timm's ModelEmaV3.")] = True,
-    clip_grad: Annotated[float, Opt(help="Clip the gradients to this global L2 norm (0: off).")] = 0.0,
+                                   "weights.pkl then use the average.")] = DEFAULTS.ema,
+    ema_warmup: Annotated[bool, Opt(help="Ramp the EMA decay up early in training, as timm's ModelEmaV3.")] = DEFAULTS.ema_warmup,
+    clip_grad: Annotated[float, Opt(help="Clip the gradients to this global L2 norm (0: off).")] = DEFAULTS.clip_grad,
     compile: Annotated[str, Opt(help="torch.compile the step: auto (CUDA, as CUDA graphs for steps of up to "
                                                  "256 images of 128 px; CPU for runs long enough to repay "
-                                                 "compiling), on, cudagraphs (one process), off.")] = "auto",
-    channels_last: Annotated[str, Opt(help="Memory format: auto (on), on, off.")] = "auto",
+                                                 "compiling), on, cudagraphs (one process), off.")] = DEFAULTS.compile,
+    channels_last: Annotated[str, Opt(help="Memory format: auto (on), on, off.")] = DEFAULTS.channels_last,
     amp: Annotated[str, Opt(help="Mixed precision: auto (bf16 on CUDA and on CPUs that compute bf16 natively, "
-                                          "AVX-512 BF16 or AMX, but for small eager steps), bf16, off.")] = "auto",
-    seed: Annotated[int, Opt(help="Seed of the initialisation, data order and augmentation.")] = 0,
-    workers: Annotated[int, Opt(help="DataLoader workers for image folders with --cache off.")] = 2,
+                                          "AVX-512 BF16 or AMX, but for small eager steps), bf16, off.")] = DEFAULTS.amp,
+    seed: Annotated[int, Opt(help="Seed of the initialisation, data order and augmentation.")] = DEFAULTS.seed,
+    workers: Annotated[int, Opt(help="DataLoader workers for image folders with --cache off.")] = DEFAULTS.workers,
     cache: Annotated[str, Opt(help="Image folders: decode each image once into a uint8 cache in "
                                    "$MOBILENET_FN_CACHE (default ~/.cache/mobilenet-fn) and augment batches on the "
                                    "device: auto (in RAM when it fits, else memory-mapped), ram, disk, or off "
-                                   "(decode every epoch in --workers processes).")] = "auto",
-    val_split: Annotated[float, Opt(help="Validation fraction for a folder without val/.")] = 0.2,
+                                   "(decode every epoch in --workers processes).")] = DEFAULTS.cache,
+    val_split: Annotated[float, Opt(help="Validation fraction for a folder without val/.")] = DEFAULTS.val_split,
     out: Annotated[Optional[Path], Opt(help="Run folder (must not exist). Default: runs/<data>-a<α>-r<res>.")] = None,
     resume: Annotated[Optional[Path], Opt(help="Continue the run in this folder (from its last.ckpt).")] = None,
     init: Annotated[Optional[Path], Opt("--init", help="Start from a weights .pkl (fine-tuning).")] = None,
-    freeze_backbone: Annotated[bool, Opt(help="With --init: train only the classifier.")] = False,
+    freeze_backbone: Annotated[bool, Opt(help="With --init: train only the classifier.")] = DEFAULTS.freeze_backbone,
     nproc: Annotated[int, Opt(help="Data-parallel processes on this machine (torchrun); e.g. one per GPU.")] = 1,
-    sync_bn: Annotated[bool, Opt(help="Distributed: BatchNorm statistics over the global batch.")] = False,
+    sync_bn: Annotated[bool, Opt(help="Distributed: BatchNorm statistics over the global batch.")] = DEFAULTS.sync_bn,
     exclude: Annotated[Optional[Path], Opt(help="Leave out the files this list names: audit's issues.csv, or "
                                                 "paths one per line.")] = None,
     split: Annotated[Optional[Path], Opt(help="Validation files from this split.json (audit --fix-split), for "
@@ -106,15 +111,15 @@ def train(
 
     from mobilenet_fn import distributed
     from mobilenet_fn.model import resolution_for_rho
+    from mobilenet_fn.options import TrainOptions
     from mobilenet_fn.step import keep_freed_memory
-    from mobilenet_fn.train import TrainOptions
 
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
     if config is not None and resume is not None:
         raise UserError("--resume continues a run with its own options; drop --config")
     if nproc > 1 and not distributed.launched():
-        _launch(nproc)
+        launch(nproc)
         return
     keep_freed_memory()
     dev = pick_device(device)
@@ -127,14 +132,14 @@ def train(
             trainer, run = _resume(resume, epochs, dev, ctx)
         else:
             opts = TrainOptions(
-                data=data, epochs=15 if epochs is None else epochs, batch_size=_batch_size(batch_size, dev), lr=lr,
-                optimizer=optimizer, schedule=schedule, warmup_epochs=warmup_epochs, weight_decay=weight_decay,
-                label_smoothing=label_smoothing, augment=augment, crop_scale=crop_scale, auto_augment=auto_augment,
-                reprob=reprob, mixup=mixup, cutmix=cutmix, ema=ema, ema_warmup=ema_warmup, clip_grad=clip_grad,
-                compile=compile, channels_last=channels_last,
-                amp=amp, seed=seed, workers=workers, cache=cache, val_split=val_split, device=str(dev),
-                freeze_backbone=freeze_backbone, init_weights=str(init) if init else None, sync_bn=sync_bn,
-                exclude=str(exclude) if exclude else None, split=str(split) if split else None,
+                data=data, epochs=DEFAULTS.epochs if epochs is None else epochs,
+                batch_size=_batch_size(batch_size, dev), lr=lr, optimizer=optimizer, schedule=schedule,
+                warmup_epochs=warmup_epochs, weight_decay=weight_decay, label_smoothing=label_smoothing,
+                augment=augment, crop_scale=crop_scale, auto_augment=auto_augment, reprob=reprob, mixup=mixup,
+                cutmix=cutmix, ema=ema, ema_warmup=ema_warmup, clip_grad=clip_grad, compile=compile,
+                channels_last=channels_last, amp=amp, seed=seed, workers=workers, cache=cache, val_split=val_split,
+                device=str(dev), freeze_backbone=freeze_backbone, init_weights=str(init) if init else None,
+                sync_bn=sync_bn, exclude=str(exclude) if exclude else None, split=str(split) if split else None,
             )
             if rho is not None:
                 resolution = resolution_for_rho(rho)
@@ -149,8 +154,9 @@ def train(
 def _batch_size(text: str, dev) -> int:
     if text == "auto":
         if dev.type != "cuda":
-            raise UserError("--batch-size auto measures GPU memory; on the CPU give a number (64 is the default)")
-        return 64  # replaced by the measurement once the model is known
+            raise UserError(f"--batch-size auto measures GPU memory; on the CPU give a number ({DEFAULTS.batch_size} "
+                            f"is the default)")
+        return DEFAULTS.batch_size  # replaced by the measurement once the model is known
     try:
         return int(text)
     except ValueError:
@@ -161,9 +167,11 @@ def _new_run(opts, *, auto_batch, alpha, resolution, activation, dropout, init, 
     """The Trainer of a new run and its RunDir (made by rank 0; None on the other ranks)."""
     import dataclasses
 
-    from mobilenet_fn import data as data_lib
+    import torch
+
     from mobilenet_fn import distributed
-    from mobilenet_fn.model import Config
+    from mobilenet_fn.data import DEFAULT_RESOLUTION
+    from mobilenet_fn.model import Config, with_classifier_for
     from mobilenet_fn.rundir import RunDir, default_run_dir, taken
     from mobilenet_fn.train import Trainer
 
@@ -172,20 +180,21 @@ def _new_run(opts, *, auto_batch, alpha, resolution, activation, dropout, init, 
     if out is not None and out.exists():  # said before the data is loaded; RunDir.create checks again
         raise UserError(taken(out))
     start = _load_init(init, alpha=alpha, activation=activation) if init else None
-    if start is not None and resolution is None and opts.data not in data_lib.DEFAULT_RESOLUTION:
+    if start is not None and resolution is None and opts.data not in DEFAULT_RESOLUTION:
         resolution = start.preprocess["resolution"]
-    with err.status("Loading data…"):
-        dataset = data_lib.load(opts.data, resolution=resolution, val_split=opts.val_split, seed=opts.seed)
-    _report_ignored(dataset.ignored)
-    dataset = _restrict(dataset, opts)
-    dataset = _through_cache(dataset, opts.cache, dev)
-    base = start.config if start else Config(alpha=0.5 if alpha is None else alpha, activation=activation or "relu")
+    dataset = _prepared_data(opts, resolution, dev)
+    base = start.config if start else Config(alpha=DEFAULT_ALPHA if alpha is None else alpha,
+                                             activation=activation or "relu")
     cfg = dataclasses.replace(base, resolution=dataset.preprocess["resolution"], num_classes=len(dataset.classes),
                               dropout=dropout)
     if auto_batch:
         opts = dataclasses.replace(opts, batch_size=distributed.broadcast_object(_largest_batch(cfg, opts, dev), ctx))
     trainer = Trainer(cfg, opts, dataset, dev, dist=ctx)
-    trainer.start_fresh(_head_for(start, cfg, opts.seed) if start else None)
+    if start is None:
+        trainer.start_fresh()
+    else:
+        params = with_classifier_for(cfg, start.params, torch.Generator().manual_seed(opts.seed))
+        trainer.start_fresh((params, start.state))
     # Rank 0 picks and makes the run folder; the others learn whether that worked.
     run, problem = None, None
     if ctx.main:
@@ -200,6 +209,52 @@ def _new_run(opts, *, auto_batch, alpha, resolution, activation, dropout, init, 
     if problem:
         raise UserError(problem)
     return trainer, run
+
+
+def _resume(run_dir: Path, epochs: int | None, dev, ctx):
+    """The Trainer restored from the run's last checkpoint, and its RunDir (on rank 0; None on the others)."""
+    import dataclasses
+
+    from mobilenet_fn.checkpoint import run_options
+    from mobilenet_fn.model import Config
+    from mobilenet_fn.rundir import RunDir
+    from mobilenet_fn.train import Trainer
+
+    run = RunDir.open(run_dir)
+    ckpt = run.load_last()
+    opts = run_options(ckpt, str(dev))
+    if epochs is not None:
+        if epochs < ckpt["epoch"]:
+            raise UserError(f"{run_dir} has already trained {ckpt['epoch']} epochs; --epochs must be at least that")
+        opts = dataclasses.replace(opts, epochs=epochs)
+    cfg = Config.from_dict(ckpt["config"])
+    dataset = _prepared_data(opts, cfg.resolution, dev, classes=ckpt["classes"])
+    trainer = Trainer(cfg, opts, dataset, dev, dist=ctx)
+    trainer.restore(ckpt, best=run.load_best())
+    if trainer.epoch >= opts.epochs and not trainer.progress.trained:  # trained: the last epoch's end is owed
+        raise UserError(f"{run_dir} has finished its {trainer.epoch} epochs; raise --epochs to train more")
+    return trainer, run if ctx.main else None
+
+
+def _prepared_data(opts, resolution: int | None, dev, classes: list[str] | None = None):
+    """The run's data set: loaded, re-split by --split, without what --exclude lists, its folders read through
+    the decoded cache; each step said in a line. ``classes``: those a resumed run was trained on."""
+    from mobilenet_fn import data as data_lib
+
+    with err.status("Loading data…"):
+        dataset = data_lib.load(opts.data, resolution=resolution, val_split=opts.val_split, seed=opts.seed)
+    if classes is not None and list(dataset.classes) != list(classes):
+        raise UserError(f"the data's classes no longer match the run's ({opts.data})")
+    _report_ignored(dataset.ignored)
+    if opts.split:
+        dataset = data_lib.with_split(dataset, opts.split)
+        err.print(f"Split from {opts.split}: {len(dataset.train)} train, {len(dataset.val)} validation images")
+    if opts.exclude:
+        dataset, dropped = data_lib.exclude(dataset, opts.exclude)
+        unknown = f"; {dropped['unknown']} listed file(s) are not in the data" if dropped["unknown"] else ""
+        err.print(f"Excluded {dropped['train']} training and {dropped['val']} validation image(s) listed in "
+                  f"{opts.exclude}{unknown}", highlight=False, soft_wrap=True)
+    return _through_cache(dataset, opts.cache, dev)
 
 
 def _largest_batch(cfg, opts, dev) -> int:
@@ -223,21 +278,6 @@ def _report_ignored(ignored: list[str]) -> None:
 
         err.print(escape(f"Ignored {len(ignored)} file(s) that are not images, e.g. {ignored[0]}"), highlight=False,
                   soft_wrap=True)
-
-
-def _restrict(dataset, opts):
-    """The dataset re-split by --split and without the files --exclude lists, said in a line each."""
-    from mobilenet_fn import data as data_lib
-
-    if opts.split:
-        dataset = data_lib.with_split(dataset, opts.split)
-        err.print(f"Split from {opts.split}: {len(dataset.train)} train, {len(dataset.val)} validation images")
-    if opts.exclude:
-        dataset, dropped = data_lib.exclude(dataset, opts.exclude)
-        unknown = f"; {dropped['unknown']} listed file(s) are not in the data" if dropped["unknown"] else ""
-        err.print(f"Excluded {dropped['train']} training and {dropped['val']} validation image(s) listed in "
-                  f"{opts.exclude}{unknown}", highlight=False, soft_wrap=True)
-    return dataset
 
 
 def _through_cache(dataset, mode: str, dev):
@@ -270,107 +310,8 @@ def _load_init(path: Path, *, alpha: float, activation: str):
     return start
 
 
-def _head_for(start, cfg, seed: int):
-    """Params and state for ``cfg`` from the weights ``start``: the classifier is re-initialised when the number
-    of classes differs."""
-    import torch
-
-    from mobilenet_fn import layers
-
-    params = dict(start.params)
-    if start.config.num_classes != cfg.num_classes:
-        params["fc"] = layers.linear_init(cfg.feature_dim, cfg.num_classes, torch.Generator().manual_seed(seed))
-    return params, start.state
-
-
-def _launch(nproc: int) -> None:
-    """Runs this same command in ``nproc`` processes through torch.distributed.run (what torchrun does)."""
-    import os
-    import sys
-
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    argv = sys.argv[1:]
-    args = [a for i, a in enumerate(argv) if a != "--nproc" and not a.startswith("--nproc=")
-            and (i == 0 or argv[i - 1] != "--nproc")]
-    launch = parse_args(["--standalone", "--nproc-per-node", str(nproc), "--monitor-interval", "1",
-                         "-m", "mobilenet_fn", *args])
-    try:
-        run(launch)
-    except SignalException as e:  # SIGTERM or SIGINT: the processes were sent it too, and rank 0 saved last.ckpt
-        raise typer.Exit(128 + int(e.sigval))
-    except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        code = failure.exitcode
-        if code == 2:
-            raise typer.Exit(2)  # a usage error, already reported by the processes
-        fail(f"training process {rank} of {nproc} stopped (exit code {code}); the others were stopped too. "
-             f"The last checkpoint is intact: continue with --resume", code=1)
-
-
-def _resume(run_dir: Path, epochs: int | None, dev, ctx):
-    """The Trainer restored from the run's last checkpoint, and its RunDir (on rank 0; None on the others)."""
-    import dataclasses
-
-    from mobilenet_fn import data as data_lib
-    from mobilenet_fn.model import Config
-    from mobilenet_fn.rundir import RunDir
-    from mobilenet_fn.train import OLDER_RUNS, TrainOptions, Trainer
-
-    run = RunDir.open(run_dir)
-    ckpt = run.load_last()
-    options = {**OLDER_RUNS, **ckpt["run"], "device": str(dev)}
-    if options["compile"] == "cudagraphs" and dev.type != "cuda":
-        options["compile"] = "auto"  # a CUDA run resumed on another device
-    opts = TrainOptions(**options)
-    if epochs is not None:
-        if epochs < ckpt["epoch"]:
-            raise UserError(f"{run_dir} has already trained {ckpt['epoch']} epochs; --epochs must be at least that")
-        opts = dataclasses.replace(opts, epochs=epochs)
-    cfg = Config.from_dict(ckpt["config"])
-    with err.status("Loading data…"):
-        dataset = data_lib.load(opts.data, resolution=cfg.resolution, val_split=opts.val_split, seed=opts.seed)
-    if list(dataset.classes) != list(ckpt["classes"]):
-        raise UserError(f"the data's classes no longer match the run's ({opts.data})")
-    _report_ignored(dataset.ignored)
-    dataset = _restrict(dataset, opts)
-    dataset = _through_cache(dataset, opts.cache, dev)
-    trainer = Trainer(cfg, opts, dataset, dev, dist=ctx)
-    trainer.restore(ckpt, best=run.load_best())
-    if trainer.epoch >= opts.epochs and not trainer.progress.trained:  # trained: the last epoch's end is owed
-        raise UserError(f"{run_dir} has finished its {trainer.epoch} epochs; raise --epochs to train more")
-    return trainer, run if ctx.main else None
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, from a scheduler or `kill`: an interruption like Ctrl-C, exit code 143."""
-
-
-def _raise_terminated(signum, frame):
-    import signal
-
-    # A scheduler signals the whole job: the DataLoader workers die of the same SIGTERM, which must not turn the
-    # interruption into the loader's crash, raised next by its SIGCHLD handler. Python runs pending handlers in
-    # signal order, SIGTERM (15) before SIGCHLD (17). (Workers that ignored SIGTERM could outlive the trainer and
-    # block its exit, waiting for work from it.)
-    # A handler that does nothing, not SIG_DFL or SIG_IGN: CPython raises "OSError: Signal 17 ignored due to race
-    # condition" wherever the program is when a signal already pending finds its handler reset to those.
-    signal.signal(signal.SIGCHLD, _ignore)
-    signal.signal(signal.SIGTERM, _ignore)  # a second SIGTERM must not cut the checkpoint short
-    raise Terminated
-
-
-def _ignore(signum, frame) -> None:
-    """A signal handler that does nothing."""
-
-
 def _run(trainer, run) -> None:
     """Trains, with ``run`` (the RunDir, None on ranks other than 0) writing what each epoch hands over."""
-    import signal
-
     from rich.markup import escape
 
     from mobilenet_fn.train import CheckpointEvent, EpochEvent, NonFiniteLoss
@@ -378,25 +319,23 @@ def _run(trainer, run) -> None:
     from .progress import TrainProgress
 
     view = TrainProgress(enabled=run is not None)
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        with view:
-            for event in trainer.run():
-                if run is not None and isinstance(event, CheckpointEvent):
-                    run.save_epoch(event.checkpoint, event.weights)
-                elif run is not None and isinstance(event, EpochEvent):
-                    run.append_metrics(event.metrics)
-                view.show(event)
-    except KeyboardInterrupt as e:
-        if run is not None:
-            path = run.save_last(trainer.checkpoint())
-            err.print(escape(f"Interrupted. Saved {path}; continue with: mobilenet-fn train --resume {run.path}"),
-                      highlight=False, soft_wrap=True)
-        raise typer.Exit(143 if isinstance(e, Terminated) else 130)
-    except NonFiniteLoss as e:
-        fail(str(e), code=1)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with sigterm_interrupts():  # until the checkpoint of an interruption is written
+        try:
+            with view:
+                for event in trainer.run():
+                    if run is not None and isinstance(event, CheckpointEvent):
+                        run.save_epoch(event.checkpoint, event.weights)
+                    elif run is not None and isinstance(event, EpochEvent):
+                        run.append_metrics(event.metrics)
+                    view.show(event)
+        except KeyboardInterrupt as e:
+            if run is not None:
+                path = run.save_last(trainer.checkpoint())
+                err.print(escape(f"Interrupted. Saved {path}; continue with: mobilenet-fn train --resume {run.path}"),
+                          highlight=False, soft_wrap=True)
+            raise typer.Exit(143 if isinstance(e, Terminated) else 130)
+        except NonFiniteLoss as e:
+            fail(str(e), code=1)
     if run is None:
         return
     run.plot_curves()

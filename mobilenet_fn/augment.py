@@ -22,11 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .options import CROP_SCALE
 from .preprocess import model_input
 
-CROP_SCALE = (0.25, 1.0)  # random resized crop; the paper used less augmentation than Inception's (0.08, 1)
+CROP_AREA = (CROP_SCALE, 1.0)  # a random resized crop's share of the image's area
 CROP_RATIO = (3 / 4, 4 / 3)
-AUTO_AUGMENTS = ("none", "trivial")
 ERASE_SCALE = (0.02, 1 / 3)  # timm's RandomErasing defaults: area fraction and aspect ratio of the box
 ERASE_RATIO = (0.3, 1 / 0.3)
 ERASE_ATTEMPTS = 10
@@ -42,7 +42,7 @@ class Augment:
     of the Beta distribution each image's mixing weight is drawn from (0: off)."""
 
     crop_flip: bool = True
-    crop_scale: float = CROP_SCALE[0]
+    crop_scale: float = CROP_SCALE
     auto_augment: str = "none"
     reprob: float = 0.0
     mixup: float = 0.0
@@ -57,7 +57,7 @@ class Augment:
 # Random resized crop and flip
 
 
-def crop_boxes(n: int, generator: torch.Generator, scale: tuple[float, float] = CROP_SCALE,
+def crop_boxes(n: int, generator: torch.Generator, scale: tuple[float, float] = CROP_AREA,
                device=None) -> tuple[torch.Tensor, ...]:
     """``n`` random resized crops as (w, h, cx, cy): width and height as shares of the image's sides, the centre in
     grid_sample's [-1, 1]. The area's share is drawn from ``scale`` and the aspect ratio log-uniformly from
@@ -75,7 +75,7 @@ def crop_boxes(n: int, generator: torch.Generator, scale: tuple[float, float] = 
 
 
 def random_resized_crop(x: torch.Tensor, size: int, generator: torch.Generator, flip: bool = True,
-                        scale: tuple[float, float] = CROP_SCALE) -> torch.Tensor:
+                        scale: tuple[float, float] = CROP_AREA) -> torch.Tensor:
     """Per-image random resized crop (and horizontal flip) of a (N, C, H, W) float batch, as one grid_sample: each
     crop holds a share of the area drawn from ``scale``."""
     n = x.shape[0]
@@ -92,7 +92,7 @@ def random_resized_crop(x: torch.Tensor, size: int, generator: torch.Generator, 
 
 
 def random_resized_crop_one(image: torch.Tensor, size: int, generator: torch.Generator,
-                            scale: tuple[float, float] = CROP_SCALE, interpolation=None) -> torch.Tensor:
+                            scale: tuple[float, float] = CROP_AREA, interpolation=None) -> torch.Tensor:
     """One (C, H, W) image's random resized crop and flip, for a loader worker: the crop ``crop_boxes`` draws (the
     batched crop's distribution, rounded to whole pixels), resized by torchvision with antialiasing."""
     from torchvision.transforms.v2 import functional as TF

@@ -37,9 +37,9 @@ import torch
 
 from . import files
 from .data import DataError, Dataset, FileSource, Skipped, TensorSource, cache_dir, scan_folder, skip_reason
+from .options import CACHE_MODES
 from .preprocess import IMAGE_ERRORS, MAX_DECODED_PIXELS, Layout, fit, read_rgb
 
-MODES = ("auto", "ram", "disk", "off")
 FORMAT = "mobilenet-fn decoded cache 1"
 RAM_SHARE = 0.25  # auto holds a cache in RAM when all of this machine's copies take at most this share of it
 CHUNK = 64 << 20  # bytes per CRC-32 of the images file
@@ -336,8 +336,8 @@ def cached(source, preprocess: dict, mode: str = "auto", *, threads: int | None 
            progress: Callable[[int, int], None] | None = None) -> tuple[object, Report | None, list[Skipped]]:
     """``source`` read through the cache of its folder: (a TensorSource of the readable files, the Report, the
     source's unreadable files). ``off``, a source with no folder or one already in memory: (source, None, [])."""
-    if mode not in MODES:
-        raise ValueError(f"--cache must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode not in CACHE_MODES:
+        raise ValueError(f"--cache must be one of {', '.join(CACHE_MODES)}, got {mode!r}")
     if mode == "off" or not isinstance(source, FileSource) or source.root is None:
         return source, None, []
     root = Path(source.root)

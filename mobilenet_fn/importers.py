@@ -19,9 +19,9 @@ from . import layers
 from .extras import require
 from .model import Config
 from .preprocess import preprocess_for
+from .checkpoint import checkpoint_from_dict, weights_from_checkpoint
 from .weights import (
-    CHECKPOINT_FORMAT, FORMAT, Weights, WeightsError, _short, checkpoint_from_dict, read_torch_file, trees_problem,
-    weights_from_checkpoint, weights_from_dict,
+    CHECKPOINT_FAMILY, FORMAT, Weights, WeightsError, read_torch_file, shown, trees_problem, weights_from_dict,
 )
 
 KINDS = ("auto", "checkpoint", "timm", "hf")
@@ -236,7 +236,7 @@ def _unwrap(obj: dict) -> dict:
 
 def _sniff(obj: dict) -> str:
     fmt = obj.get("format")
-    if fmt == CHECKPOINT_FORMAT:
+    if isinstance(fmt, str) and fmt.startswith(CHECKPOINT_FAMILY):
         return "checkpoint"
     if fmt == FORMAT:
         return "weights"
@@ -255,7 +255,7 @@ def _from_file(path: Path, kind: str) -> Weights:
     if found == "unknown":
         first = next(iter(obj), "nothing")
         raise WeightsError(f"{path}: not a MobileNet v1 state dict (timm or Hugging Face) nor a mobilenet-fn "
-                           f"checkpoint or weights file (its first key is {_short(first)})")
+                           f"checkpoint or weights file (its first key is {shown(first)})")
     if kind != "auto" and kind != found and not (kind == "checkpoint" and found == "weights"):
         raise WeightsError(f"{path}: --from {kind} given, but this is a {found} file")
     try:

@@ -73,12 +73,10 @@ def conv_apply(params: Tree, x: torch.Tensor, *, stride: int = 1, padding: str =
     return F.conv2d(x, weight, params.get("bias"), stride=stride, padding=pad)
 
 
-# Training in bf16 on the CPU (autocast; oneDNN with AVX-512 BF16, with and without AMX, torch 2.14): oneDNN's
-# bf16 depthwise convolution ran its forward and backward 3-48x as long as float32's with stride 2 (at every map
-# size), and 4-5x on maps of 2 x 2 and 1 x 1; with stride 1 on maps of 8 x 8 and more it took 0.43-0.96x float32's
-# (AMD EPYC, two threads; bench/depthwise_bf16.py). Those run in bf16; every other depthwise layer that a backward
-# will follow runs in float32. (With all of them in bf16, a bf16 step at 32 px ran at 0.4x the float32 step; with
-# all stride-1 ones in bf16, small maps included, the Fashion-MNIST recipe slowed from 4,900 to 3,800 img/s.)
+# Training in bf16 on the CPU (autocast; oneDNN with AVX-512 BF16, with and without AMX): oneDNN's bf16 depthwise
+# convolution, forward and backward, is slower than float32's with stride 2 at every map size and on maps of 2 x 2
+# and 1 x 1, faster with stride 1 on maps of 8 x 8 and more (bench/depthwise_bf16.py; docs/performance.md). Those
+# run in bf16; every other depthwise layer that a backward will follow runs in float32.
 BF16_DEPTHWISE_MIN_PIXELS = 64
 
 
@@ -121,8 +119,8 @@ def pointwise_init(in_ch: int, out_ch: int, generator: torch.Generator | None = 
 
 
 # Up to this many pixels per map, a channels-last pointwise layer runs as a matrix product over channels: on the
-# CPU, oneDNN's 1x1 convolution (forward and backward) took 1.1x as long on 2x2 maps and 2.6x on 1x1 maps, the
-# last blocks at 32 px; from 4x4 maps up it was the faster one.
+# CPU, oneDNN's 1x1 convolution (forward and backward) is the slower of the two on 2x2 and 1x1 maps (the last
+# blocks at 32 px), the faster from 4x4 maps up (bench/throughput.py).
 POINTWISE_MATMUL_MAX_PIXELS = 4
 
 

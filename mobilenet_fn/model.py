@@ -244,3 +244,11 @@ def features(cfg: Config, params: dict, state: dict | None, x: torch.Tensor) -> 
     endpoints: dict[str, torch.Tensor] = {}
     _trunk(cfg, params, state, x, False, endpoints)
     return endpoints
+
+
+def with_classifier_for(cfg: Config, params: dict, generator: torch.Generator | None = None) -> dict:
+    """``params`` (of a model with any number of classes) with a classifier for ``cfg.num_classes``: kept when it
+    has that many outputs, else drawn anew from ``generator`` (fine-tuning on other classes)."""
+    if params["fc"]["weight"].shape[0] == cfg.num_classes:
+        return params
+    return {**params, "fc": layers.linear_init(cfg.feature_dim, cfg.num_classes, generator)}

@@ -18,8 +18,8 @@ from typing import Callable, NamedTuple
 import torch
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_map_with_path, tree_unflatten
 
-OPTIMIZERS = ("rmsprop", "sgd", "adamw")
-SCHEDULES = ("cosine", "step", "constant")
+from .options import OPTIMIZERS, SCHEDULES
+
 
 
 class Optimizer(NamedTuple):

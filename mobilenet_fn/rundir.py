@@ -19,10 +19,11 @@ import json
 import os
 from pathlib import Path
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DEFAULT_RESOLUTION
 from .files import write_json
 from .model import Config
-from .weights import Weights, load_checkpoint, save_checkpoint, save_weights
+from .weights import Weights, save_weights
 
 
 def default_run_dir(data: str, cfg: Config, root: Path = Path("runs")) -> Path:

@@ -31,20 +31,15 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from .model import Config, apply, init
 from .optim import clip_grad_norm, ema
 
-COMPILE_BACKEND = "inductor"  # tests swap in a counting backend
-COMPILE_CHOICES = ("auto", "on", "cudagraphs", "off")
-SWITCH_CHOICES = ("auto", "on", "off")
-AMP_CHOICES = ("auto", "bf16", "off")
 
-# On the CPU the compiled step ran 1.2-1.3x as fast as the eager one at 128 px and at alpha 0.5, and about even at
-# 32 px and alpha 1 (bench/throughput.py), but takes a minute or two to compile on 2 cores: worth it from about
-# this much training in a run, counted in 32 x 32 images (the step's cost grows with the pixels). A Fashion-MNIST
-# run of 20 epochs is 1.1 M; `make train`, 60,000.
+# On the CPU the compiled step is faster than the eager one from about 128 px, even at 32 px, and takes a minute or
+# two to compile on 2 cores (bench/throughput.py; docs/performance.md): worth it from about this much training in a
+# run, counted in 32 x 32 images (the step's cost grows with the pixels). `make train` is 60,000; a Fashion-MNIST
+# run of 20 epochs 1.1 M.
 CPU_COMPILE_MIN_WORK = 500_000
 
-# CUDA graphs replay a whole step as one launch. On an H100 (bench/throughput.py) they made the step 2.4x as fast
-# at 32 px x 256 (19 ms a step without them, 8 ms with: launch-bound) and 0.96x at 224 px x 256 (22 ms,
-# GPU-bound): they pay while a step holds few pixels.
+# CUDA graphs replay a whole step as one launch: they pay while a step holds few pixels (launch-bound), not once
+# it is GPU-bound (bench/throughput.py on an H100; docs/performance.md).
 CUDA_GRAPHS_MAX_PIXELS = 256 * 128 * 128  # batch x height x width: 128 px x 256, or 224 px x 83
 
 
@@ -124,11 +119,9 @@ def cpu_native_bf16() -> str | None:
     return ", ".join(found) or None
 
 
-# bf16 on a CPU that computes it natively (bench/throughput.py, 2-core Xeon with AMX): the compiled step gained
-# 1.21-1.55x over the float32 one at every shape measured; the eager step 1.24-1.31x from 32 px x 256 up, but
-# nothing at `make train`'s 32 px x 64 (2,320 against 2,240 img/s), where it also cost accuracy (78.7 % against
-# 80.3 % validation top-1, mean of two seeds). An eager step under this many pixels (batch x height x width) stays
-# float32.
+# bf16 on a CPU that computes it natively speeds up the compiled step at every shape measured and the eager step
+# from 32 px x 256 up, but not `make train`'s eager 32 px x 64, where it also cost accuracy (bench/throughput.py;
+# docs/performance.md). An eager step under this many pixels (batch x height x width) stays float32.
 CPU_BF16_EAGER_MIN_PIXELS = 256 * 32 * 32
 
 
@@ -173,10 +166,9 @@ MMAP_BYTES, TRIM_BYTES = 32 << 20, 1 << 30
 
 def keep_freed_memory() -> bool:
     """Lets glibc's malloc keep the memory a CPU training loop frees for its next step, rather than give it back to
-    the kernel and fault it in again. Measured on the training loop, not in general: a Fashion-MNIST recipe run on
-    one thread spent 15-20 % of its time in the kernel from its fourth epoch on, at 80,000 page faults a second,
-    and its epochs took 107-126 s; with this, 0.3 % and 77-97 s (README, "What makes it fast"). (A lone 8 MiB
-    block freed and taken again faulted more with it than without.) False where the C library is not glibc."""
+    the kernel and fault it in again: without it, a long CPU run spends a growing share of its time in page faults
+    (docs/performance.md). Measured on the training loop, not in general (a lone 8 MiB block freed and taken again
+    faulted more with it than without). False where the C library is not glibc."""
     import ctypes
 
     try:
@@ -323,8 +315,7 @@ def compile_step(step: Callable, cuda_graphs: bool = False) -> Callable:
     outputs are copied out of the graphs' memory pool, which the next replay overwrites: the caller may keep them
     (a checkpoint, the best weights) and pass them back in. The copies are of parameter size, not activations."""
     logging.getLogger("torch.utils.cpp_extension").addFilter(no_cuda_runtime_notice)
-    compiled = torch.compile(step, fullgraph=True, backend=COMPILE_BACKEND,
-                             mode="reduce-overhead" if cuda_graphs else None)
+    compiled = torch.compile(step, fullgraph=True, mode="reduce-overhead" if cuda_graphs else None)
     if not cuda_graphs:
         return compiled
 

@@ -1,4 +1,4 @@
-"""Training: the options of a run and the epoch loop.
+"""Training: the epoch loop.
 
 ``Trainer.run()`` trains with the step that ``step.build_step`` makes, validates after each epoch, keeps the best
 epoch's weights in memory and yields events: a start, steps, and epoch ends that carry the checkpoint and (when
@@ -12,109 +12,21 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 
 from . import data as data_lib
 from . import distributed
-from .augment import AUTO_AUGMENTS, CROP_SCALE, Augment
-from .cache import MODES as CACHE_MODES
+from .augment import Augment
+from .checkpoint import EpochProgress, build as build_checkpoint
 from .evaluate import evaluate
 from .model import Config
-from .optim import OPTIMIZERS, SCHEDULES, make_optimizer, make_schedule
-from .step import (
-    AMP_CHOICES, COMPILE_CHOICES, SWITCH_CHOICES, averaged, build_step, device_policy, inference_policy, initial_state,
-    to_device,
-)
+from .optim import make_optimizer, make_schedule
+from .options import TrainOptions
+from .step import averaged, build_step, device_policy, inference_policy, initial_state, to_device
 from .weights import Weights
-
-
-CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "augment": ("crop-flip", "none"),
-           "compile": COMPILE_CHOICES, "channels_last": SWITCH_CHOICES, "amp": AMP_CHOICES, "cache": CACHE_MODES,
-           "auto_augment": AUTO_AUGMENTS}
-
-# Options added after the first checkpoints were written, with the values that reproduce those runs on --resume.
-OLDER_RUNS = {"cache": "off", "crop_scale": CROP_SCALE[0], "ema": 0.0, "ema_warmup": True, "auto_augment": "none",
-              "reprob": 0.0, "mixup": 0.0, "cutmix": 0.0, "clip_grad": 0.0, "exclude": None, "split": None}
-
-
-@dataclass
-class TrainOptions:
-    """Everything about a run except the architecture (``Config``) and the data."""
-
-    data: str = "sample"
-    epochs: int = 15
-    batch_size: int = 64
-    lr: float = 0.05
-    optimizer: str = "sgd"
-    schedule: str = "cosine"
-    warmup_epochs: float = 1.0
-    weight_decay: float = 4e-5
-    momentum: float = 0.9
-    label_smoothing: float = 0.1
-    augment: str = "crop-flip"  # or "none"
-    crop_scale: float = CROP_SCALE[0]  # the least share of the image's area a random crop holds
-    auto_augment: str = "none"  # or "trivial" (TrivialAugment-Wide)
-    reprob: float = 0.0  # random erasing probability
-    mixup: float = 0.0  # Beta alpha of mixup (0: off)
-    cutmix: float = 0.0  # Beta alpha of cutmix (0: off)
-    ema: float = 0.0  # decay of the weight EMA (0: off); validation and the weights then use the average
-    ema_warmup: bool = True  # timm's warmup of the EMA decay
-    clip_grad: float = 0.0  # global gradient norm bound (0: off)
-    compile: str = "auto"  # auto | on | cudagraphs | off
-    channels_last: str = "auto"  # auto | on | off
-    amp: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16) | bf16 | off
-    seed: int = 0
-    workers: int = 2
-    cache: str = "auto"  # image folders: decoded once into a uint8 cache (auto | ram | disk), or off (workers)
-    val_split: float = 0.2
-    device: str = "cpu"
-    freeze_backbone: bool = False
-    init_weights: str | None = None
-    sync_bn: bool = False
-    exclude: str | None = None  # a list of files to leave out (audit's issues.csv, or paths one per line)
-    split: str | None = None  # a split.json (audit --fix-split) that re-splits a folder of class folders
-
-    def __post_init__(self):
-        problems = []
-        if self.epochs < 1:
-            problems.append(f"--epochs must be at least 1, got {self.epochs}")
-        if self.batch_size < 2:
-            problems.append(f"--batch-size must be at least 2 (BatchNorm needs a batch), got {self.batch_size}")
-        if not self.lr > 0:
-            problems.append(f"--lr must be > 0, got {self.lr}")
-        for name, allowed in CHOICES.items():
-            value = getattr(self, name)
-            if value not in allowed:
-                problems.append(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {value!r}")
-        if self.weight_decay < 0:
-            problems.append(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if not 0 <= self.label_smoothing < 1:
-            problems.append(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        if not 0 < self.crop_scale <= 1:
-            problems.append(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
-        if not 0 <= self.reprob <= 1:
-            problems.append(f"--reprob must be in [0, 1], got {self.reprob}")
-        for name in ("mixup", "cutmix", "clip_grad"):
-            if getattr(self, name) < 0:
-                problems.append(f"--{name.replace('_', '-')} must be >= 0 (0: off), got {getattr(self, name)}")
-        if not 0 <= self.ema < 1:
-            problems.append(f"--ema must be a decay in [0, 1) (0: off; e.g. 0.9998), got {self.ema}")
-        if self.compile == "cudagraphs" and not self.device.startswith("cuda"):
-            problems.append("--compile cudagraphs needs a CUDA device (--device cuda)")
-        if self.workers < 0:
-            problems.append(f"--workers must be >= 0, got {self.workers}")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    @property
-    def augmentation(self) -> Augment | None:
-        """What is done to the training batches (None: nothing)."""
-        spec = Augment(crop_flip=self.augment != "none", crop_scale=self.crop_scale, auto_augment=self.auto_augment,
-                       reprob=self.reprob, mixup=self.mixup, cutmix=self.cutmix)
-        return None if spec == Augment(crop_flip=False, crop_scale=self.crop_scale) else spec
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,18 +59,6 @@ class EpochEvent:
 
     metrics: dict  # with the test set's metrics of the best epoch after the last epoch, where there is a test set
     best: bool  # the best validation epoch so far
-
-
-@dataclass
-class EpochProgress:
-    """How far the epoch under way has come, a checkpoint's ``epoch_progress``: its training sums over all
-    processes so far, and whether they are the totals of the last epoch trained, whose end (validation, files,
-    metrics line) is still owed."""
-
-    loss: float = 0.0  # the steps' losses, each the mean over the processes
-    correct: int = 0  # right top-1 answers
-    seen: int = 0  # images
-    trained: bool = False  # the totals of epoch ``Trainer.epoch``, not yet recorded
 
 
 @dataclass
@@ -210,8 +110,8 @@ class Trainer:
             self.device, compile=self.opts.compile, channels_last=self.opts.channels_last, amp=self.opts.amp,
             resolution=self.cfg.resolution, batch=self.opts.batch_size, images=total * self.opts.batch_size,
             distributed=self.dist.active, eager_only=self.bn_reduce is not None)
-        # Validation runs as eval does on the CPU (float32: bf16 inference measured 0.87x float32's at 32 px), and
-        # in the training step's bf16 on CUDA.
+        # Validation runs as eval does on the CPU (float32: bf16 inference is no faster there,
+        # bench/bf16_inference.py), and in the training step's bf16 on CUDA.
         self.eval_policy = self.policy if self.device.type == "cuda" else inference_policy(self.device)
         self.schedule = make_schedule(self.opts.schedule, self.opts.lr, total,
                                       warmup_steps=round(self.opts.warmup_epochs * self.batches))
@@ -233,27 +133,10 @@ class Trainer:
         return self._checkpoint(cpu_trees, best=self.best, progress=self.epoch_progress())
 
     def _checkpoint(self, cpu_trees: tuple[dict, dict] | None, *, best: dict | None, progress: EpochProgress) -> dict:
-        params, state = cpu_trees or (to_device(self.params, "cpu"), to_device(self.state, "cpu"))
-        rng = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {  # save_checkpoint adds the format
-            "config": self.cfg.to_dict(),
-            "params": params,
-            "state": state,
-            "opt_state": to_device(self.opt_state, "cpu"),
-            "classes": list(self.dataset.classes),
-            "preprocess": self.dataset.preprocess,
-            "data": self.dataset.split,
-            "metrics": dict(best or {}),
-            "epoch": self.epoch,
-            "step": self.global_step,
-            "batch_in_epoch": self.batch_in_epoch,
-            "epoch_progress": asdict(progress),
-            "rng": rng,
-            "run": asdict(self.opts),
-            "world": self.world,
-        }
+        trees = cpu_trees or (to_device(self.params, "cpu"), to_device(self.state, "cpu"))
+        return build_checkpoint(self.weights_file(best or {}, trees), opt_state=to_device(self.opt_state, "cpu"),
+                                epoch=self.epoch, step=self.global_step, batch_in_epoch=self.batch_in_epoch,
+                                progress=progress, opts=self.opts, world=self.world, device=self.device)
 
     def restore(self, ckpt: dict, best: dict | None = None) -> None:
         """Continues from the checkpoint ``ckpt``; ``best`` is the best epoch's checkpoint, when there is one."""
@@ -261,13 +144,13 @@ class Trainer:
         self.state = to_device(ckpt["state"], self.device)
         self.opt_state = to_device(ckpt["opt_state"], self.device)
         self.epoch = ckpt["epoch"]
-        self.progress = EpochProgress(**ckpt.get("epoch_progress", {}))  # older checkpoints carry no sums
+        self.progress = EpochProgress(**ckpt["epoch_progress"])
         # Positions count this run's batches: a run saved with N processes may resume with M.
-        self.batch_in_epoch = ckpt["batch_in_epoch"] * ckpt.get("world", 1) // self.world
+        self.batch_in_epoch = ckpt["batch_in_epoch"] * ckpt["world"] // self.world
         self.global_step = self.epoch * self.batches + self.batch_in_epoch
         self.best = ckpt["metrics"] or None
         if best is not None:
-            self.best_weights = evaluated_trees(best["params"], best["state"], best["opt_state"])
+            self.best_weights = trees_to_evaluate(best["params"], best["state"], best["opt_state"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if self.device.type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
@@ -302,21 +185,22 @@ class Trainer:
                        self.dataset.split, dict(best))
 
     # -- loop ----------------------------------------------------------------------------------------------
-    def build_step(self):
+    def make_step(self):
+        """The training step of this run's options and device policy."""
         opts = self.opts
         return build_step(self.cfg, self.optimizer, self.policy, label_smoothing=opts.label_smoothing,
                           head_only=opts.freeze_backbone, reduce_grads=self.reduce_grads, bn_reduce=self.bn_reduce,
                           ema_decay=opts.ema, ema_warmup=opts.ema_warmup, clip_grad=opts.clip_grad)
 
-    def evaluated(self) -> tuple[dict, dict]:
+    def trees_to_evaluate(self) -> tuple[dict, dict]:
         """The (params, state) that validation, best.ckpt's weights and weights.pkl use: the EMA's when kept."""
-        return evaluated_trees(self.params, self.state, self.opt_state)
+        return trees_to_evaluate(self.params, self.state, self.opt_state)
 
     def run(self) -> Iterator:
         """Trains from ``self.epoch``/``self.batch_in_epoch`` to ``opts.epochs``, yielding events. An epoch's
         end is owed (``progress.trained``) until the consumer has handled its last event (its metrics line), so that
         a run stopped anywhere before (``checkpoint()``) trains, validates and hands over what is left on resume."""
-        step = self.build_step()
+        step = self.make_step()
         opts, policy = self.opts, self.policy
         yield StartEvent(self.epoch, opts.epochs, self.batches, str(self.device), policy.describe(), policy.compiled,
                          len(self.skipped))
@@ -335,7 +219,7 @@ class Trainer:
         first_seen, last_report = self.seen, t0
         batches = data_lib.batches(
             self.dataset.train, self.dataset.preprocess, batch_size=opts.batch_size, train=True,
-            augment=opts.augmentation, num_classes=len(self.dataset.classes), device=self.device,
+            augment=augmentation(opts), num_classes=len(self.dataset.classes), device=self.device,
             seed=opts.seed, epoch=self.epoch,
             start=self.batch_in_epoch, workers=opts.workers, shard=(self.rank, self.world),
             channels_last=policy.channels_last,
@@ -387,7 +271,7 @@ class Trainer:
         """Validates the epoch just trained, hands over its files (rank 0) and its metrics line, then counts it
         recorded."""
         opts, done, epoch = self.opts, self.progress, self.epoch
-        val = self.validate(self.dataset.val, *self.evaluated())
+        val = self.validate(self.dataset.val, *self.trees_to_evaluate())
         self.skipped.update(val["skipped"])
         metrics = {
             "epoch": epoch,
@@ -409,7 +293,7 @@ class Trainer:
         cpu_trees = (to_device(self.params, "cpu"), to_device(self.state, "cpu"))  # one copy for all uses
         best, best_weights = self.best, self.best_weights
         if improved:
-            best, best_weights = dict(metrics), (to_device(self.evaluated(), "cpu") if opts.ema else cpu_trees)
+            best, best_weights = dict(metrics), (to_device(self.trees_to_evaluate(), "cpu") if opts.ema else cpu_trees)
         if self.rank == 0:
             recorded = self._checkpoint(cpu_trees, best=best, progress=EpochProgress())
             yield CheckpointEvent(recorded, self.weights_file(best, best_weights) if improved else None)
@@ -437,7 +321,14 @@ class Trainer:
                 "test_of_epoch": best["epoch"]}
 
 
-def evaluated_trees(params: dict, state: dict, opt_state: dict) -> tuple[dict, dict]:
+def augmentation(opts: TrainOptions) -> Augment | None:
+    """What is done to the training batches (None: nothing)."""
+    spec = Augment(crop_flip=opts.augment != "none", crop_scale=opts.crop_scale, auto_augment=opts.auto_augment,
+                   reprob=opts.reprob, mixup=opts.mixup, cutmix=opts.cutmix)
+    return None if spec == Augment(crop_flip=False, crop_scale=opts.crop_scale) else spec
+
+
+def trees_to_evaluate(params: dict, state: dict, opt_state: dict) -> tuple[dict, dict]:
     """(params, state) to evaluate: the weight EMA kept in ``opt_state``, else ``params`` and ``state``."""
     return averaged(opt_state) or (params, state)
 

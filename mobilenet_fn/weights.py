@@ -1,4 +1,5 @@
-"""The ``.pkl`` weights format and training checkpoints: writing them atomically, reading them safely.
+"""The ``.pkl`` weights format: writing it atomically, reading it safely, and the checks of its fields, which
+training checkpoints (``checkpoint.py``) share.
 
 A weights file is ``torch.save`` of a plain dict, nothing but tensors and Python values::
 
@@ -12,11 +13,12 @@ names what it would have imported. Every problem is a ``WeightsError`` of one li
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import io
 import math
 import pickletools
+import types
+import typing
 import zipfile
 from pathlib import Path
 from typing import NamedTuple
@@ -28,14 +30,9 @@ from .files import atomic_write
 from .model import Config, init
 
 FORMAT = "mobilenet-fn/1"
-CHECKPOINT_FORMAT = "mobilenet-fn-checkpoint/1"
+CHECKPOINT_FAMILY = "mobilenet-fn-checkpoint/"  # checkpoint.FORMAT, and its older versions
 PREPROCESS_KEYS = ("resolution", "resize", "crop_pct", "interpolation", "mean", "std")
-CHECKPOINT_KEYS = ("config", "params", "state", "opt_state", "classes", "preprocess", "data", "metrics", "epoch",
-                   "step", "batch_in_epoch", "rng", "run")
 WEIGHTS_KEYS = ("format", "config", "params", "state", "classes", "preprocess", "data", "metrics")
-# Checkpoints written before distributed training lack world (1); before epoch_progress, the training sums of the
-# epoch so far (none carried: a resumed epoch's metrics then cover the batches after the resume).
-CHECKPOINT_OPTIONAL = ("world", "epoch_progress")
 INTERPOLATIONS = ("bilinear", "bicubic")
 
 # Bounds on what a file may hold. A file is read whole by torch.load, so its size already bounds the memory it
@@ -95,18 +92,13 @@ def save_weights(path: str | Path, weights: Weights, *, overwrite: bool = True) 
         "data": weights.data,
         "metrics": weights.metrics,
     }
-    problem = _problem(payload)
+    problem = content_problem(payload)
     if problem:
         raise WeightsError(f"{path}: not written: {problem}")
     try:
         atomic_save(payload, path, overwrite=overwrite)
     except FileExistsError:
         raise WeightsError(f"{path}: already exists, not replaced") from None
-
-
-def save_checkpoint(path: str | Path, ckpt: dict) -> None:
-    """Writes a training checkpoint atomically (``format`` is set here)."""
-    atomic_save({**ckpt, "format": CHECKPOINT_FORMAT}, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -119,64 +111,36 @@ def load_weights(path: str | Path) -> Weights:
     return weights_from_dict(read_torch_file(path), path)
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Reads a training checkpoint and checks its format, keys, config and parameter trees."""
-    return checkpoint_from_dict(read_torch_file(path), path)
-
-
 def weights_from_dict(obj: dict, path: str | Path) -> Weights:
     """The checked ``Weights`` of a dict read from ``path`` (named in errors)."""
     fmt = obj.get("format")
-    if fmt == CHECKPOINT_FORMAT:
+    if isinstance(fmt, str) and fmt.startswith(CHECKPOINT_FAMILY):
         raise WeightsError(f"{path}: is a training checkpoint, not weights; make weights from it with "
                            f"`mobilenet-fn convert {path} -o weights.pkl`")
     if fmt != FORMAT:
-        raise WeightsError(f"{path}: {_format_problem(fmt, FORMAT)}")
-    problem = _keys_problem(obj, WEIGHTS_KEYS, ("data", "metrics")) or _problem(obj)
+        raise WeightsError(f"{path}: {format_problem(fmt, FORMAT)}")
+    problem = keys_problem(obj, WEIGHTS_KEYS, ("data", "metrics")) or content_problem(obj)
     if problem:
         raise WeightsError(f"{path}: {problem}")
-    return _weights(obj)
+    return weights_from_fields(obj)
 
 
-def checkpoint_from_dict(obj: dict, path: str | Path) -> dict:
-    """``obj`` itself once checked as a training checkpoint read from ``path`` (named in errors)."""
-    fmt = obj.get("format")
-    if fmt == FORMAT:
-        raise WeightsError(f"{path}: is a weights file, not a training checkpoint")
-    if fmt != CHECKPOINT_FORMAT:
-        raise WeightsError(f"{path}: {_format_problem(fmt, CHECKPOINT_FORMAT)}")
-    missing = [k for k in CHECKPOINT_KEYS if k not in obj]
-    if missing:
-        raise WeightsError(f"{path}: checkpoint lacks {', '.join(missing)}")
-    problem = (_keys_problem(obj, ("format", *CHECKPOINT_KEYS, *CHECKPOINT_OPTIONAL), CHECKPOINT_OPTIONAL)
-               or _problem(obj) or _checkpoint_problem(obj))
-    if problem:
-        raise WeightsError(f"{path}: {problem}")
-    return obj
-
-
-def weights_from_checkpoint(ckpt: dict) -> Weights:
-    """The inference part of a checkpoint (the optimizer state, step counters and RNG states are dropped): the
-    weight EMA's params and state where the run kept one, as its weights.pkl has them."""
-    kept = ckpt["opt_state"].get("ema") if isinstance(ckpt.get("opt_state"), dict) else None
-    return _weights(ckpt if kept is None else {**ckpt, "params": kept["params"], "state": kept["state"]})
-
-
-def _weights(obj: dict) -> Weights:
+def weights_from_fields(obj: dict) -> Weights:
+    """The ``Weights`` of a file's fields, already checked."""
     return Weights(Config.from_dict(obj["config"]), obj["params"], obj["state"], list(obj["classes"]),
                    dict(obj["preprocess"]), obj.get("data"), obj.get("metrics"))
 
 
-def _format_problem(found, expected: str) -> str:
+def format_problem(found, expected: str) -> str:
     if found is None:
         return ("not a mobilenet-fn file (it has no format field); for a timm or Hugging Face state dict, "
                 "run `mobilenet-fn convert` on it")
     if isinstance(found, str) and found.split("/")[0] == expected.split("/")[0]:
-        return f"format {_short(found)} is not one this version reads ({expected!r}); upgrade mobilenet-fn"
-    return f"unknown format {_short(found)} (expected {expected!r})"
+        return f"format {shown(found)} is not one this version reads ({expected!r}); upgrade mobilenet-fn"
+    return f"unknown format {shown(found)} (expected {expected!r})"
 
 
-def _short(value, limit: int = 60) -> str:
+def shown(value, limit: int = 60) -> str:
     """``repr(value)`` on one line, cut to about ``limit`` characters: for naming a hostile value in a message."""
     if isinstance(value, (dict, list, tuple, set, bytes, bytearray, torch.Tensor)):
         return f"a {type(value).__name__}"
@@ -213,24 +177,25 @@ def _torch_load_problem(path: Path, error: Exception) -> str:
     return "is not a file written by torch.save (or it is truncated)"
 
 
-def _problem(obj: dict) -> str | None:
+def content_problem(obj: dict) -> str | None:
     """What is wrong with the content shared by weights files and checkpoints (config, parameter trees, classes,
     preprocessing, data, metrics), or None."""
     problem = _config_problem(obj.get("config"))
     if problem:
         return problem
     cfg = Config.from_dict(obj["config"])
-    return trees_problem(cfg, obj.get("params"), obj.get("state")) or _description_problem(obj, cfg)
+    return trees_problem(cfg, obj.get("params"), obj.get("state")) or description_problem(obj, cfg)
 
 
-def description_problem(obj: dict) -> str | None:
+def description_problem(obj: dict, cfg: Config | None = None) -> str | None:
     """What is wrong with what describes a model besides its parameters (config, classes, preprocessing, data,
-    metrics; the ONNX files that ``export`` and ``quantize`` write carry these), or None."""
-    problem = _config_problem(obj.get("config"))
-    return problem or _description_problem(obj, Config.from_dict(obj["config"]))
-
-
-def _description_problem(obj: dict, cfg: Config) -> str | None:
+    metrics; the ONNX files that ``export`` and ``quantize`` write carry these), or None. ``cfg``: the file's
+    config, when already checked."""
+    if cfg is None:
+        problem = _config_problem(obj.get("config"))
+        if problem:
+            return problem
+        cfg = Config.from_dict(obj["config"])
     problem = _classes_problem(obj.get("classes"), cfg) or _preprocess_problem(obj.get("preprocess"), cfg)
     if problem:
         return problem
@@ -252,10 +217,10 @@ def _split_problem(split, classes: list[str]) -> str | None:
         return None
     for key in ("kind", "root"):
         if key in split and not isinstance(split[key], str):
-            return f"data.{key} must be a string, not {_short(split[key])}"
+            return f"data.{key} must be a string, not {shown(split[key])}"
     kind = split.get("kind")
     if kind in ("folders", "imagenette") and not isinstance(split.get("val"), str):
-        return f"data.val must be the name of the validation folder, not {_short(split.get('val'))}"
+        return f"data.val must be the name of the validation folder, not {shown(split.get('val'))}"
     if kind == "split":
         val, names = split.get("val"), set(classes)
         if not isinstance(val, list) or not all(isinstance(rel, str) and rel.split("/", 1)[0] in names
@@ -264,54 +229,65 @@ def _split_problem(split, classes: list[str]) -> str | None:
     return None
 
 
-def _keys_problem(obj: dict, allowed: tuple, optional: tuple) -> str | None:
+def keys_problem(obj: dict, allowed: tuple, optional: tuple = ()) -> str | None:
     """Every key of ``allowed`` present (but the ``optional`` ones), and nothing else."""
     unknown = [k for k in obj if k not in allowed]
     if unknown:
-        return f"unknown field {_short(unknown[0])}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+        return f"unknown field {shown(unknown[0])}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
     missing = [k for k in allowed if k not in obj and k not in optional]
     if missing:
         return f"{missing[0]} is missing"
     return None
 
 
-def _type_name(annotation: str) -> str:
-    return {"str | None": "a string or None", "int": "a 64-bit integer", "float": "a finite number below 2**63",
-            "bool": "true or false", "str": "a string"}.get(annotation, annotation)
+TYPE_NAMES = {bool: "true or false", int: "a 64-bit integer", float: "a finite number below 2**63", str: "a string",
+              type(None): "None"}
 
 
-def _value_fits(value, annotation: str) -> bool:
-    """Whether ``value`` is a plain value of a dataclass field's annotation (``int``, ``float``, ``str``, ``bool``,
-    ``str | None``); numbers finite and within an int64."""
-    if annotation == "bool":
-        return isinstance(value, bool)
-    if annotation == "int":
-        return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_INT
-    if annotation == "float":
-        return (isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= MAX_INT
-                and math.isfinite(value))
-    if annotation in ("str", "str | None"):
-        return (isinstance(value, str) and len(value) <= MAX_STRING) or (value is None and annotation != "str")
-    return False
+def _plain_types(annotation) -> tuple[type, ...]:
+    """The plain types a field's resolved annotation allows: ``int`` -> (int,); ``str | None`` and
+    ``Optional[str]`` -> (str, NoneType)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
 
 
-def _fields_problem(name: str, d, cls) -> str | None:
+def value_fits(value, kind: type) -> bool:
+    """Whether ``value`` is a plain value of type ``kind`` (bool, int, float, str or None): numbers finite and
+    within an int64, strings of bounded length; a bool is not a number."""
+    if isinstance(value, bool) or kind is bool:
+        return kind is bool and isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and abs(value) <= MAX_INT
+    if kind is float:
+        return isinstance(value, (int, float)) and abs(value) <= MAX_INT and math.isfinite(value)
+    if kind is str:
+        return isinstance(value, str) and len(value) <= MAX_STRING
+    return kind is type(None) and value is None
+
+
+@functools.cache
+def _field_types(cls) -> dict[str, tuple[type, ...]]:
+    return {name: _plain_types(hint) for name, hint in typing.get_type_hints(cls).items()}
+
+
+def fields_problem(name: str, d, cls) -> str | None:
     """``d`` is a dict of fields of dataclass ``cls`` (any may be left out), each a plain value of its annotated
     type."""
     if not isinstance(d, dict):
         return f"{name} must be a dict, not a {type(d).__name__}"
-    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    fields = _field_types(cls)
     unknown = [k for k in d if k not in fields]
     if unknown:
-        return f"unknown {name} keys: " + ", ".join(_short(k) for k in unknown[:3]) + (" …" if len(unknown) > 3 else "")
-    for key, annotation in fields.items():
-        if key in d and not _value_fits(d[key], annotation):
-            return f"{name}.{key} must be {_type_name(annotation)}, not {_short(d[key])}"
+        return f"unknown {name} keys: " + ", ".join(shown(k) for k in unknown[:3]) + (" …" if len(unknown) > 3 else "")
+    for key, kinds in fields.items():
+        if key in d and not any(value_fits(d[key], kind) for kind in kinds):
+            return f"{name}.{key} must be {' or '.join(TYPE_NAMES[k] for k in kinds)}, not {shown(d[key])}"
     return None
 
 
 def _config_problem(d) -> str | None:
-    problem = _fields_problem("config", d, Config)
+    problem = fields_problem("config", d, Config)
     if problem:
         return f"invalid config: {problem}"
     try:
@@ -335,7 +311,7 @@ def _classes_problem(classes, cfg: Config) -> str | None:
 
 
 def _number(value) -> bool:
-    return _value_fits(value, "float")
+    return value_fits(value, float)
 
 
 def _preprocess_problem(pre, cfg: Config) -> str | None:
@@ -349,23 +325,23 @@ def _preprocess_problem(pre, cfg: Config) -> str | None:
         return f"preprocess lacks {', '.join(missing)}"
     unknown = [k for k in pre if k not in PREPROCESS_KEYS]
     if unknown:
-        return f"unknown preprocess field {_short(unknown[0])}"
+        return f"unknown preprocess field {shown(unknown[0])}"
     res, resize, crop_pct = pre["resolution"], pre["resize"], pre["crop_pct"]
-    if not _value_fits(res, "int") or res != cfg.resolution:
-        return f"preprocess.resolution is {_short(res)}, the config's resolution is {cfg.resolution}"
-    if not _value_fits(resize, "int") or not res <= resize <= 4 * res:
-        return f"preprocess.resize is {_short(resize)}; it must be an integer from {res} to {4 * res}"
+    if not value_fits(res, int) or res != cfg.resolution:
+        return f"preprocess.resolution is {shown(res)}, the config's resolution is {cfg.resolution}"
+    if not value_fits(resize, int) or not res <= resize <= 4 * res:
+        return f"preprocess.resize is {shown(resize)}; it must be an integer from {res} to {4 * res}"
     if not _number(crop_pct) or not 0 < crop_pct <= 1:
-        return f"preprocess.crop_pct is {_short(crop_pct)}; it must be a number in (0, 1]"
+        return f"preprocess.crop_pct is {shown(crop_pct)}; it must be a number in (0, 1]"
     if pre["interpolation"] not in INTERPOLATIONS:
-        return f"preprocess.interpolation is {_short(pre['interpolation'])}; it must be one of " + ", ".join(
+        return f"preprocess.interpolation is {shown(pre['interpolation'])}; it must be one of " + ", ".join(
             INTERPOLATIONS)
     lengths = sorted({3, cfg.in_channels})
     for key in ("mean", "std"):
         value = pre[key]
         if not isinstance(value, list) or len(value) not in lengths or not all(_number(v) for v in value):
             return (f"preprocess.{key} must be a list of {' or '.join(map(str, lengths))} finite numbers, not "
-                    f"{_short(value) if not isinstance(value, list) else _short(value[:4]) + ('…' if len(value) > 4 else '')}")
+                    f"{shown(value) if not isinstance(value, list) else shown(value[:4]) + ('…' if len(value) > 4 else '')}")
     if not all(v > 0 for v in pre["std"]):
         return f"preprocess.std must be positive, got {pre['std']}"
     return None
@@ -399,7 +375,7 @@ def _plain_problem(name: str, value) -> str | None:
                 for k, x in v.items():
                     if not isinstance(k, str) or len(k) > MAX_STRING:
                         return (f"{_where(entry)} has a key that is not a string of at most {MAX_STRING:,} "
-                                f"characters: {_short(k)}")
+                                f"characters: {shown(k)}")
                     chars += len(k)
                     stack.append((x, entry, k, depth + 1))
             else:
@@ -416,82 +392,12 @@ def _where(entry) -> str:
     """``name['key'][3]`` of an entry of ``_plain_problem``'s walk."""
     keys = []
     while entry[1] is not None:
-        keys.append(f"[{_short(entry[2], 40)}]")
+        keys.append(f"[{shown(entry[2], 40)}]")
         entry = entry[1]
     return entry[2] + "".join(reversed(keys))
 
 
-def _checkpoint_problem(obj: dict) -> str | None:
-    """What is wrong with the training part of a checkpoint (what ``Trainer.checkpoint`` writes and
-    ``Trainer.restore`` and ``train --resume`` read), or None. Called after ``_problem``."""
-    from .train import OLDER_RUNS, EpochProgress, TrainOptions  # here: train.py imports this module
-
-    run = obj["run"]
-    problem = _fields_problem("run", run, TrainOptions)
-    if problem:
-        return problem
-    missing = [f.name for f in dataclasses.fields(TrainOptions) if f.name not in run and f.name not in OLDER_RUNS]
-    if missing:
-        return f"run lacks {', '.join(missing)}"
-    try:  # as `train --resume` takes them: on its own device, where cudagraphs falls back to auto off CUDA
-        compile = "auto" if run["compile"] == "cudagraphs" else run["compile"]
-        run = TrainOptions(**{**OLDER_RUNS, **run, "compile": compile})
-    except (TypeError, ValueError) as e:
-        return f"run: {e}"
-    for key in ("epoch", "step", "batch_in_epoch", *(["world"] if "world" in obj else [])):
-        value, least = obj[key], 1 if key == "world" else 0
-        if not _value_fits(value, "int") or value < least:
-            return f"{key} must be an integer of at least {least}, not {_short(value)}"
-    if obj["epoch"] > run.epochs:
-        return f"epoch {obj['epoch']} is beyond the run's {run.epochs} epochs"
-    if obj["batch_in_epoch"] > obj["step"]:
-        return f"batch_in_epoch {obj['batch_in_epoch']} is beyond step {obj['step']}"
-    if "epoch_progress" in obj:
-        problem = _fields_problem("epoch_progress", obj["epoch_progress"], EpochProgress)
-        if problem:
-            return problem
-        missing = [f.name for f in dataclasses.fields(EpochProgress) if f.name not in obj["epoch_progress"]]
-        if missing:  # written whole, so a part is damage
-            return "epoch_progress lacks " + ", ".join(missing)
-        progress = EpochProgress(**obj["epoch_progress"])
-        if not 0 <= progress.correct <= progress.seen:
-            return f"epoch_progress: {progress.correct} right answers of {progress.seen} images"
-    problem = _rng_problem(obj["rng"])
-    if problem:
-        return problem
-    from .optim import make_optimizer
-    from .step import init_opt_state
-
-    cfg = Config.from_dict(obj["config"])
-    optimizer = make_optimizer(run.optimizer, weight_decay=run.weight_decay, momentum=run.momentum)
-    with torch.device("meta"):
-        expected = init_opt_state(optimizer, *_expected_trees(cfg), head_only=run.freeze_backbone, ema_decay=run.ema)
-    problem = _tree_problem("opt_state", obj["opt_state"], expected)
-    if problem:
-        return (f"{problem} (optimizer {run.optimizer}" + (", backbone frozen" if run.freeze_backbone else "")
-                + (", weight EMA" if run.ema else "") + ")")
-    return None
-
-
-def _rng_problem(rng) -> str | None:
-    """{"torch": torch.get_rng_state()} and, from a CUDA run, "cuda": torch.cuda.get_rng_state(): uint8 vectors
-    that ``torch.set_rng_state`` takes."""
-    if not isinstance(rng, dict) or "torch" not in rng:
-        return "rng must be a dict with the torch generator's state"
-    unknown = [k for k in rng if k not in ("torch", "cuda")]
-    if unknown:
-        return f"unknown rng field {_short(unknown[0])}"
-    for key, value in rng.items():
-        size = torch.get_rng_state().numel() if key == "torch" else None
-        if (not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() != 1
-                or value.layout != torch.strided or value.device.type != "cpu" or _overlaps(value)
-                or (size is not None and value.numel() != size) or not 0 < value.numel() <= 1024 * 1024):
-            return (f"rng.{key} is not a generator state (a CPU uint8 vector"
-                    + (f" of {size} bytes)" if size is not None else ")"))
-    return None
-
-
-def _overlaps(t: torch.Tensor) -> bool:
+def overlaps(t: torch.Tensor) -> bool:
     """Whether ``t`` shows more elements than its storage holds (an expanded, stride-0 view): such a tensor costs
     nothing in the file but its full size in memory once anything copies it."""
     return t.numel() > t.untyped_storage().nbytes() // max(1, t.element_size())
@@ -506,18 +412,18 @@ def trees_problem(cfg: Config, params, state) -> str | None:
     """How ``params`` and ``state`` differ from the trees ``init(cfg)`` makes, or None. The reference is made on
     the meta device: shapes without data, at no cost."""
     try:
-        expected = _expected_trees(cfg)
+        expected = expected_trees(cfg)
     except (RuntimeError, ValueError, OverflowError, MemoryError):  # a width beyond what a tensor can have
         return f"the config implies tensors too large to exist (config: {_describe(cfg)})"
     for name, tree, want in (("params", params, expected[0]), ("state", state, expected[1])):
-        problem = _tree_problem(name, tree, want)
+        problem = tree_problem(name, tree, want)
         if problem:
             return f"{problem} (config: {_describe(cfg)})"
     return None
 
 
 @functools.lru_cache(maxsize=8)
-def _expected_trees(cfg: Config) -> tuple[dict, dict]:
+def expected_trees(cfg: Config) -> tuple[dict, dict]:
     """``init(cfg)`` on the meta device (kept: drawing even meta tensors takes ~25 ms)."""
     with torch.device("meta"):
         return init(cfg)
@@ -541,13 +447,13 @@ def _tree_shape_problem(name: str, tree) -> str | None:
         if isinstance(v, dict):
             bad = next((k for k in v if not isinstance(k, str) or len(k) > 100), None)
             if bad is not None:
-                return f"{where} has a key that is not a short string: {_short(bad)}"
+                return f"{where} has a key that is not a short string: {shown(bad)}"
         items = v.items() if isinstance(v, dict) else enumerate(v)
-        stack.extend((x, f"{where}[{_short(k, 40)}]", depth + 1) for k, x in items)
+        stack.extend((x, f"{where}[{shown(k, 40)}]", depth + 1) for k, x in items)
     return None
 
 
-def _tree_problem(name: str, tree, expected) -> str | None:
+def tree_problem(name: str, tree, expected) -> str | None:
     """How ``tree`` differs from ``expected`` in structure, shapes or being finite floating-point tensors, or
     None."""
     problem = _tree_shape_problem(name, tree)
@@ -576,7 +482,7 @@ def _tree_problem(name: str, tree, expected) -> str | None:
             return f"{name}{key} has shape {tuple(t.shape)}, the config implies {tuple(w.shape)}"
         if t.device.type == "meta":
             continue
-        if t.layout != torch.strided or _overlaps(t):
+        if t.layout != torch.strided or overlaps(t):
             return f"{name}{key} is an expanded or sparse view, not a tensor of its own"
         if not bool(torch.isfinite(t).all()):
             return f"{name}{key} holds NaN or infinite values"
@@ -612,7 +518,7 @@ def pickle_globals(path: str | Path) -> list[str]:
                                or i.file_size != i.compress_size), None)
                 if packed is not None:
                     raise WeightsError(f"{path}: refused: its archive holds a compressed entry "
-                                       f"({_short(packed.filename)}), which torch.save never writes")
+                                       f"({shown(packed.filename)}), which torch.save never writes")
                 # An entry marked as a folder (MS-DOS attribute 0x10) made torch.load read garbage, differently
                 # from one load to the next (found by tests/test_fuzz_files.py); torch.save marks none.
                 if any(i.is_dir() or i.external_attr & 0x10 for i in z.infolist()):

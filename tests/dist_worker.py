@@ -9,7 +9,8 @@ import torch
 from mobilenet_fn import Config, distributed
 from mobilenet_fn.data import Dataset, TensorSource
 from mobilenet_fn.preprocess import preprocess_for
-from mobilenet_fn.train import Trainer, TrainOptions
+from mobilenet_fn.options import TrainOptions
+from mobilenet_fn.train import Trainer
 
 
 VAL_ITEMS = 51  # odd: 2 ranks get shards of 26 and 25, so a shard that pads or drops an item shows

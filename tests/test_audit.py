@@ -123,6 +123,7 @@ def test_audit_writes_its_report_and_finds_copies_and_leaks(audited):
 
 
 def test_each_fold_model_judges_only_images_it_did_not_train_on(tmp_path, monkeypatch):
+    from mobilenet_fn import options as options_lib
     from mobilenet_fn import train as train_lib
 
     root = tmp_path / "data"
@@ -136,7 +137,7 @@ def test_each_fold_model_judges_only_images_it_did_not_train_on(tmp_path, monkey
             super().__post_init__()
 
     monkeypatch.setattr(train_lib, "Trainer", Recording)
-    opts = train_lib.TrainOptions(data=str(root), epochs=1, batch_size=8, compile="off", workers=0)
+    opts = options_lib.TrainOptions(data=str(root), epochs=1, batch_size=8, compile="off", workers=0)
     cfg = Config(alpha=0.25, resolution=32, num_classes=3)
     outputs = [e for e in audit_lib.out_of_sample(pool, cfg, opts, folds=3, grad="off")][-1]
     assert len(seen) == 3

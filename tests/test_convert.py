@@ -14,7 +14,7 @@ from conftest import randomize_batchnorm
 from mobilenet_fn import apply, load_weights
 from mobilenet_fn.cli.main import app
 from mobilenet_fn.importers import convert_file, imagenet_classes
-from mobilenet_fn.weights import save_checkpoint
+from mobilenet_fn.checkpoint import save_checkpoint
 from test_weights import assert_trees_equal, make_checkpoint, make_weights, one_line_error
 
 timm = pytest.importorskip("timm")

@@ -71,8 +71,9 @@ def valid_checkpoint(optimizer: str = "adamw", freeze_backbone: bool = False, em
     import torch
 
     from mobilenet_fn.model import Config
-    from mobilenet_fn.train import TrainOptions, Trainer
-    from mobilenet_fn.weights import CHECKPOINT_FORMAT
+    from mobilenet_fn.options import TrainOptions
+    from mobilenet_fn.train import Trainer
+    from mobilenet_fn.checkpoint import FORMAT as CHECKPOINT_FORMAT
 
     ds = sample_at_32()
     opts = TrainOptions(data="sample", epochs=2, batch_size=8, compile="off", channels_last="off", amp="off",
@@ -191,9 +192,6 @@ def structure_cases(base: dict, label: str, long: bool):
     tensors replaced by wrong ones. Expectation "refuse", or "any" (accepted or refused, cleanly either way)."""
     import torch
 
-    from mobilenet_fn.train import OLDER_RUNS
-    from mobilenet_fn.weights import CHECKPOINT_OPTIONAL
-
     paths = list(field_paths(base))
     names = list(bad_values())
     pick = random.Random(label)
@@ -209,9 +207,7 @@ def structure_cases(base: dict, label: str, long: bool):
             if path == ("run", "init_weights") and name == "None":
                 expect = "any"
             yield f"{label}: {_name(path)} = {name}", with_change(base, path, "set", value), expect
-        # config: defaults fill in; run options added later: older runs lack them (train.OLDER_RUNS)
-        optional = (path[0] in FREE or (len(path) == 1 and path[0] in CHECKPOINT_OPTIONAL) or path[0] == "config"
-                    or (len(path) == 2 and path[0] == "run" and path[1] in OLDER_RUNS))
+        optional = path[0] in FREE or path[0] == "config"  # a config's missing fields take Config's defaults
         yield f"{label}: del {_name(path)}", with_change(base, path, "del"), "any" if optional else "refuse"
     for path in [()] + [p for p in paths if isinstance(get(base, p), dict) and p[0] not in FREE]:
         yield f"{label}: extra key in {_name(path) or 'the file'}", with_change(base, path, "add", "surplus"), "refuse"
@@ -366,7 +362,8 @@ def drive(folder: Path, long: bool, part: int = 0, parts: int = 1) -> dict:
     from typer.testing import CliRunner
 
     from mobilenet_fn.cli.main import app
-    from mobilenet_fn.weights import WeightsError, load_checkpoint, load_weights
+    from mobilenet_fn.checkpoint import load_checkpoint
+    from mobilenet_fn.weights import WeightsError, load_weights
 
     torch.set_num_threads(1)
     runner = CliRunner()
@@ -658,7 +655,8 @@ CHECKS = {  # name: (file, change, words of the message)
 
 @pytest.mark.parametrize("case", list(CHECKS))
 def test_each_check(files, case):
-    from mobilenet_fn.weights import WeightsError, checkpoint_from_dict, weights_from_dict
+    from mobilenet_fn.checkpoint import checkpoint_from_dict
+    from mobilenet_fn.weights import WeightsError, weights_from_dict
 
     kind, change, needle = CHECKS[case]
     obj = change(files[kind])
@@ -671,12 +669,12 @@ def test_each_check(files, case):
 
 
 def test_the_valid_files_pass_the_checks(files):
-    from mobilenet_fn.weights import checkpoint_from_dict, weights_from_dict
+    from mobilenet_fn.checkpoint import checkpoint_from_dict
+    from mobilenet_fn.weights import weights_from_dict
 
     weights_from_dict(files["weights"], "w.pkl")
     checkpoint_from_dict(files["checkpoint"], "c.ckpt")
     checkpoint_from_dict(files["frozen"], "f.ckpt")
-    checkpoint_from_dict({k: v for k, v in files["checkpoint"].items() if k != "world"}, "old.ckpt")
     weights_from_dict({k: v for k, v in files["weights"].items() if k not in ("data", "metrics")}, "w.pkl")
     for split in ({"kind": "split", "root": "/d", "val_split": 0.2, "seed": 0, "val": ["cat/1.png", "dog/a b.jpg"]},
                   {"kind": "folders", "root": "/d", "train": "train", "val": "val"},

@@ -15,10 +15,12 @@ from typer.testing import CliRunner
 from conftest import assert_trees_close
 from mobilenet_fn import Config, distributed
 from mobilenet_fn import data as data_lib
+from mobilenet_fn import options as options_lib
 from mobilenet_fn import train as train_lib
 from mobilenet_fn.cli.main import app
 from mobilenet_fn.rundir import RunDir
-from mobilenet_fn.weights import checkpoint_from_dict, load_checkpoint, load_weights, save_checkpoint
+from mobilenet_fn.checkpoint import checkpoint_from_dict, load_checkpoint, save_checkpoint
+from mobilenet_fn.weights import WeightsError, load_weights
 from test_train_cli import _colour_folder, _interrupt_after
 from test_weights import one_line_error
 
@@ -133,7 +135,7 @@ def test_a_run_stopped_and_resumed_ends_with_the_files_of_a_straight_run(place, 
 
 def _trainer(photos, ckpt: dict, rank: int = 0, world: int = 1) -> train_lib.Trainer:
     """A Trainer of ``rank`` of ``world`` processes restored from ``ckpt`` (no process group: nothing trains)."""
-    opts = train_lib.TrainOptions(**{**ckpt["run"], "device": "cpu"})
+    opts = options_lib.TrainOptions(**{**ckpt["run"], "device": "cpu"})
     trainer = train_lib.Trainer(Config.from_dict(ckpt["config"]), opts, data_lib.load(str(photos), resolution=32),
                                 torch.device("cpu"), dist=distributed.Context(rank, world))
     trainer.restore(ckpt)
@@ -174,7 +176,9 @@ def test_a_checkpoint_with_bad_epoch_progress_is_refused_in_one_line(straight, t
     one_line_error(runner.invoke(app, ["train", "--resume", str(tmp_path / "run"), "--epochs", "3"]), message)
 
 
-def test_a_checkpoint_from_before_epoch_progress_still_loads(straight):
+def test_a_checkpoint_without_epoch_progress_is_refused(straight):
     ckpt = load_checkpoint(straight / "last.ckpt")
-    del ckpt["epoch_progress"]
     assert checkpoint_from_dict(ckpt, "last.ckpt") is ckpt
+    del ckpt["epoch_progress"]
+    with pytest.raises(WeightsError, match="last.ckpt: epoch_progress is missing"):
+        checkpoint_from_dict(ckpt, "last.ckpt")

@@ -10,12 +10,11 @@ from torch.utils._pytree import tree_flatten
 from typer.testing import CliRunner
 
 from mobilenet_fn import Config, Weights, init, load_weights, save_weights
+from mobilenet_fn.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from mobilenet_fn.checkpoint import load_checkpoint, save_checkpoint, weights_from_checkpoint
 from mobilenet_fn.cli.main import app
 from mobilenet_fn.data import IMAGENET_STATS, preprocess_for
-from mobilenet_fn.weights import (
-    CHECKPOINT_FORMAT, FORMAT, WeightsError, load_checkpoint, pickle_globals, save_checkpoint,
-    weights_from_checkpoint,
-)
+from mobilenet_fn.weights import FORMAT, WeightsError, pickle_globals
 
 runner = CliRunner()
 
@@ -109,7 +108,7 @@ def make_checkpoint(w: Weights | None = None, **run) -> dict:
     from dataclasses import asdict
 
     from mobilenet_fn.optim import make_optimizer
-    from mobilenet_fn.train import TrainOptions
+    from mobilenet_fn.options import TrainOptions
 
     w = w or make_weights()
     opts = TrainOptions(**{"lr": 0.1, "epochs": 3, **run})
@@ -119,6 +118,7 @@ def make_checkpoint(w: Weights | None = None, **run) -> dict:
         "opt_state": optimizer.init({"fc": w.params["fc"]} if opts.freeze_backbone else w.params),
         "classes": w.classes, "preprocess": w.preprocess, "data": {"kind": "sample"},
         "metrics": {"val_top1": 0.25}, "epoch": 2, "step": 20, "batch_in_epoch": 0,
+        "epoch_progress": {"loss": 0.0, "correct": 0, "seen": 0, "trained": False},
         "rng": {"torch": torch.get_rng_state()}, "run": asdict(opts), "world": 1,
     }
 
@@ -137,8 +137,16 @@ def test_checkpoint_round_trip_and_conversion_drops_the_optimizer(tmp_path):
         load_weights(tmp_path / "last.ckpt")
     del ckpt["opt_state"]
     save_checkpoint(tmp_path / "bad.ckpt", ckpt)
-    with pytest.raises(WeightsError, match="lacks opt_state"):
+    with pytest.raises(WeightsError, match="opt_state is missing"):
         load_checkpoint(tmp_path / "bad.ckpt")
+
+
+def test_a_checkpoint_of_format_1_is_refused_in_one_line_that_points_to_its_weights(tmp_path):
+    ckpt = make_checkpoint()
+    del ckpt["epoch_progress"], ckpt["world"]
+    torch.save({**ckpt, "format": "mobilenet-fn-checkpoint/1"}, tmp_path / "last.ckpt")
+    with pytest.raises(WeightsError, match=r"last\.ckpt: .*format 1.*cannot be resumed.*weights\.pkl"):
+        load_checkpoint(tmp_path / "last.ckpt")
 
 
 # ---------------------------------------------------------------------------------------------------------------
