@@ -43,10 +43,9 @@ from .step import Policy, inference_policy, to_device
 
 KINDS = ("label", "conflict", "leak", "duplicate", "outlier")
 # What near-duplicates are found in: "pixels", each image's grey 16 x 16 thumbnail standardised by its own mean and
-# spread, or "features", the pooled last feature map of one model (centred). Measured on 10,000 Fashion-MNIST
-# images with 200 resized and JPEG re-encoded copies (made in memory; the README): at the threshold that finds
-# 95 % of the copies, the model's features (4 epochs, 78 % top-1) also paired 1.8-1.9 M clean pairs (features of
-# a classifier gather a class in one spot), the thumbnails 17-29. bench/audit_noise.py sets the default below.
+# spread, or "features", the pooled last feature map of one model (centred). At the threshold that finds most
+# planted copies, features pair far more clean images than thumbnails do (features of a classifier gather a class
+# in one spot): bench/audit_noise.py measures both on Fashion-MNIST and sets the defaults below.
 EMBEDDINGS = ("pixels", "features")
 DUPLICATE_THRESHOLD = {"pixels": 0.995, "features": 0.95}  # cosine similarity
 THUMBNAIL = 16

@@ -530,9 +530,9 @@ def threads_in_this_thread(count: int) -> bool:
 def made_ahead(batches: Iterator[Batch]) -> Iterator[Batch]:
     """``batches``, each made in a background thread while the caller uses the one before: on the CPU the
     augmentation of batch i + 1 runs during the step on batch i (torch's ops release the GIL). The thread runs on a
-    quarter of the step's cores (at least one) rather than on all of them: on 2 cores a cached folder trained at
-    1.6x the files' speed with one and 1.25x with two (``bench/folder_cache.py``; the quarter on more cores is not
-    measured). Each batch draws from its own generator, so the batches are the same as made in line."""
+    quarter of the step's cores (at least one) rather than on all of them: on 2 cores a cached folder trained faster
+    with one than with two (``bench/folder_cache.py``; more cores are not measured). Each batch draws from its own
+    generator, so the batches are the same as made in line."""
     cores = max(1, torch.get_num_threads() // 4)
     with ThreadPoolExecutor(1, "mobilenet-fn-batches", threads_in_this_thread, (cores,)) as pool:
         following = pool.submit(next, batches, None)
