@@ -25,6 +25,7 @@ Every contender runs on ``--threads`` threads (torch and onnxruntime alike). In 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -39,7 +40,7 @@ from mobilenet_fn import data as data_lib
 from mobilenet_fn.export import InferenceModule, export_onnx
 from mobilenet_fn.extras import require
 from mobilenet_fn.model import Config, apply, fold_batchnorm, init
-from mobilenet_fn.onnx_model import load_onnx
+from mobilenet_fn.onnx_model import OnnxModel, load_onnx
 from mobilenet_fn.preprocess import preprocess_for
 from mobilenet_fn.quantize import (CALIBRATION_IMAGES, calibration_inputs, quantization_sources, quantize_onnx,
                                    subset, summary)
@@ -133,14 +134,25 @@ def pt2e_int8(w: Weights, calibration: list[torch.Tensor], compile: bool = True)
     return run
 
 
+def on_threads(path: Path, threads: int) -> OnnxModel:
+    """The ONNX file on ``threads`` threads, whose idle threads sleep at once instead of spinning (spinning, they
+    take cores from torch, which runs in turn with it here)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return dataclasses.replace(load_onnx(path), session=session)
+
+
 def ort_float_and_int8(w: Weights, tmp: Path, calibration: data_lib.Source, held_out: data_lib.Source,
                        threads: int) -> tuple[Callable, Callable, Path, Path]:
     float_path, int8_path = tmp / "float.onnx", tmp / "int8.onnx"
     export_onnx(w, float_path, fold_bn=True)
     result = quantize_onnx(w, int8_path, calibration, held_out, min_agreement=0.0, max_drop=1.0)
     log(f"int8 ORT check: {summary(result)}")
-    return (load_onnx(float_path, threads, spin=False), load_onnx(int8_path, threads, spin=False), float_path,
-            int8_path)
+    return on_threads(float_path, threads), on_threads(int8_path, threads), float_path, int8_path
 
 
 def measure(contenders: dict[str, Callable], x: torch.Tensor, rounds: int, iters: int) -> dict[str, list[float]]:

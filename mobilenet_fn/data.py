@@ -544,7 +544,7 @@ def made_ahead(batches: Iterator[Batch]) -> Iterator[Batch]:
 def batches(
     source: Source, preprocess: dict, *, batch_size: int, train: bool, augment: Augment | None = Augment(),
     num_classes: int | None = None, device="cpu", seed: int = 0, epoch: int = 0, start: int = 0,
-    drop_last: bool | None = None, workers: int = 0, shard: tuple[int, int] = (0, 1), channels_last: bool = False,
+    workers: int = 0, shard: tuple[int, int] = (0, 1), channels_last: bool = False,
 ) -> Iterator[Batch]:
     """Yields the batches of one epoch from batch index ``start`` on.
 
@@ -555,13 +555,12 @@ def batches(
     mixup or cutmix, ``y`` holds probabilities over ``num_classes``.
     """
     device = torch.device(device)
-    drop_last = train if drop_last is None else drop_last
     idx = order(len(source), shuffle=train, seed=seed, epoch=epoch)
     rank, world = shard
     if world > 1:
         usable = len(idx) - len(idx) % world if train else len(idx)
         idx = idx[:usable][rank::world]
-    n_batches = len(idx) // batch_size if drop_last else math.ceil(len(idx) / batch_size)
+    n_batches = len(idx) // batch_size if train else math.ceil(len(idx) / batch_size)
 
     augment = augment if train else None
     in_memory = isinstance(source, TensorSource)

@@ -87,7 +87,7 @@ def test_training_without_the_cache_crops_from_the_square_the_cache_stores(tmp_p
             expected = random_resized_crop_one(square, 24, torch.Generator().manual_seed(item_seed(0, epoch, 0)),
                                                scale=(0.5, 1.0))
             (batch,) = batches(FileSource([(path, label)], str(root)), PRE, batch_size=1, train=True,
-                               augment=Augment(crop_scale=0.5), drop_last=False, epoch=epoch)
+                               augment=Augment(crop_scale=0.5), epoch=epoch)
             assert torch.equal(batch.x, model_input(expected[None], PRE)), (path, epoch)
 
 

@@ -477,6 +477,6 @@ def test_a_folder_resize_wrote_trains_on_every_image_it_holds(tmp_path):
         ds = data_lib.load(str(tmp_path / folder), resolution=32, val_split=0.2)
         assert len(ds.train) + len(ds.val) == 2 * len(names), folder
         assert sorted(Path(p).name for p in ds.ignored) == (["notes.txt"] * 2 if folder == "raw" else [])
-        for source, train in ((ds.train, True), (ds.val, False)):  # every file decodes into a batch
-            got = list(data_lib.batches(source, ds.preprocess, batch_size=64, train=train, drop_last=False))
+        for source, train in ((ds.train, True), (ds.val, False)):  # every file decodes into the one batch
+            got = list(data_lib.batches(source, ds.preprocess, batch_size=len(source), train=train))
             assert sum(len(b.y) for b in got) == len(source) and not any(b.skipped for b in got)
