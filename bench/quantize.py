@@ -42,8 +42,8 @@ from mobilenet_fn.extras import require
 from mobilenet_fn.model import Config, apply, fold_batchnorm, init
 from mobilenet_fn.onnx_model import OnnxModel, load_onnx
 from mobilenet_fn.preprocess import preprocess_for
-from mobilenet_fn.quantize import (CALIBRATION_IMAGES, calibration_inputs, quantization_sources, quantize_onnx,
-                                   subset, summary)
+from mobilenet_fn.quantize import calibration_inputs, quantization_sources, quantize_onnx, subset, summary
+from mobilenet_fn.quantize_options import CALIBRATION_IMAGES
 from mobilenet_fn.step import inference_policy
 from mobilenet_fn.weights import Weights, load_weights
 

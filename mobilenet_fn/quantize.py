@@ -39,17 +39,11 @@ from .export import export_onnx
 from .extras import require
 from .files import atomic_write
 from .onnx_model import OnnxModel, description, load_onnx, write_description
+from .quantize_options import (
+    CALIBRATION_IMAGES, CALIBRATION_METHODS, CHECK_IMAGES, DEFAULT_METHOD, MAX_DROP, MIN_AGREEMENT, NEAR_TIE,
+)
 from .weights import Weights
 
-# onnxruntime.quantization.CalibrationMethod's members by the names the command takes.
-# ("distribution" is left out: it calibrates for float8, and gave 10 % top-1 on the sample.)
-CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
-DEFAULT_METHOD = "minmax"
-CALIBRATION_IMAGES = 300
-CHECK_IMAGES = 2000
-MIN_AGREEMENT = 0.98  # of the int8 model's top-1 with the float model's outside near-ties, on held-out images
-MAX_DROP = 0.01  # of top-1 accuracy, float to int8
-NEAR_TIE = 0.05  # float probability gap below which the int8 model's other choice is not counted as disagreeing
 MAX_WEIGHT = 64  # |int8 weight| with reduce_range: 2 · 255 · 64 ≤ 32767, no u8s8 pair sum can saturate
 MAX_DEPTHWISE_WEIGHT = 127  # |int8 weight| of a depthwise filter: MLAS multiplies those one product at a time
 BATCH = 64

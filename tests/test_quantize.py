@@ -254,7 +254,8 @@ def test_one_weight_range_per_tensor_is_refused(tmp_path, colours):
 
     from mobilenet_fn.export import export_onnx
     from mobilenet_fn.onnx_model import description, load_onnx, write_description
-    from mobilenet_fn.quantize import MIN_AGREEMENT, calibration_inputs, compare, quantization_sources
+    from mobilenet_fn.quantize import calibration_inputs, compare, quantization_sources
+    from mobilenet_fn.quantize_options import MIN_AGREEMENT
 
     data, w = colours
     export_onnx(w, tmp_path / "float.onnx", fold_bn=True)
