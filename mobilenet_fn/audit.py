@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from . import data as data_lib
 from .data import DataError, Dataset, TensorSource
-from .files import write_bytes, write_json
+from .files import free_name, is_inside, new_folder, write_bytes, write_json
 from .model import Config, fold_batchnorm, features
 from .model import apply as model_apply
 from .step import Policy, inference_policy, to_device
@@ -498,14 +498,11 @@ def fixed_split(pool: Pool, result: Audit) -> tuple[str, object]:
 # The report
 
 
-def default_out_dir(data: str, root: Path = Path("audits")) -> Path:
-    """audits/<data>, with -2, -3, ... when taken."""
-    name = data if data in data_lib.DEFAULT_RESOLUTION else Path(data).expanduser().resolve().name
-    path, n = root / name, 1
-    while path.exists():
-        n += 1
-        path = root / f"{name}-{n}"
-    return path
+def default_out_dir(name_or_folder: str, root: Path = Path("audits")) -> Path:
+    """audits/<data> for the data set ``name_or_folder``, with -2, -3, ... when taken."""
+    if name_or_folder in data_lib.DEFAULT_RESOLUTION:
+        return free_name(root / name_or_folder)
+    return free_name(root / Path(name_or_folder).expanduser().resolve().name)
 
 
 def check_outside(out: Path, root: str | Path | None) -> None:
@@ -513,7 +510,7 @@ def check_outside(out: Path, root: str | Path | None) -> None:
     if root is None:
         return
     out, root = Path(out).expanduser().resolve(), Path(root).expanduser().resolve()
-    if out == root or root in out.parents:
+    if is_inside(out, root):
         raise DataError(f"{out}: is inside the data folder {root}; audit never writes there: pick another --out")
 
 
@@ -583,10 +580,7 @@ def write_report(out: Path, pool: Pool, outputs: Outputs, result: Audit, *, sett
     val-leaks.txt) into ``out``, which must not exist yet. Returns the report (with the files written)."""
     out = Path(out)
     check_outside(out, pool.root)
-    try:
-        out.mkdir(parents=True)
-    except FileExistsError:
-        raise FileExistsError(f"{out} already exists; pick another --out") from None
+    new_folder(out, f"{out} already exists; pick another --out")
     columns = ["file", "given_label", "suggested_label", "kind", "score", "other"]
 
     def table(rows: list[dict], fields: list[str]) -> bytes:

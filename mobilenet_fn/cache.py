@@ -153,7 +153,7 @@ def slot_for(root: Path, layout: Layout) -> Path:
 
 
 def _check_outside(root: Path, slot: Path) -> None:
-    if slot.resolve().is_relative_to(root.resolve()):
+    if files.is_inside(slot, root):
         raise DataError(f"the cache folder {cache_dir()} is inside the data folder {root}; set MOBILENET_FN_CACHE "
                         f"to a folder elsewhere (the data folder is never written to)")
 
