@@ -32,6 +32,7 @@ def evaluate(
     from mobilenet_fn import data as data_lib
     from mobilenet_fn.evaluate import evaluate as run_eval, evaluate_forward
     from mobilenet_fn.onnx_model import OnnxModel
+    from mobilenet_fn.sources import DataError
     from mobilenet_fn.step import inference_policy, to_device
 
     if batch_size < 1:
@@ -43,7 +44,7 @@ def evaluate(
             raise UserError(f"{weights} records no validation data; pass --data")
         try:
             source = data_lib.validation_source(w.data, w.classes)
-        except data_lib.DataError as e:
+        except DataError as e:
             raise UserError(f"{e}; pass --data") from None
         where = f"the validation split recorded in {weights.name}"
     else:

@@ -227,13 +227,13 @@ def _report_ignored(ignored: list[str]) -> None:
 
 def _restrict(dataset, opts):
     """The dataset re-split by --split and without the files --exclude lists, said in a line each."""
-    from mobilenet_fn import data as data_lib
+    from mobilenet_fn import curation
 
     if opts.split:
-        dataset = data_lib.with_split(dataset, opts.split)
+        dataset = curation.with_split(dataset, opts.split)
         err.print(f"Split from {opts.split}: {len(dataset.train)} train, {len(dataset.val)} validation images")
     if opts.exclude:
-        dataset, dropped = data_lib.exclude(dataset, opts.exclude)
+        dataset, dropped = curation.exclude(dataset, opts.exclude)
         unknown = f"; {dropped['unknown']} listed file(s) are not in the data" if dropped["unknown"] else ""
         err.print(f"Excluded {dropped['train']} training and {dropped['val']} validation image(s) listed in "
                   f"{opts.exclude}{unknown}", highlight=False, soft_wrap=True)

@@ -34,11 +34,13 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from . import data as data_lib
-from .data import DataError, Dataset, TensorSource
+from .batches import batches
+from .curation import item_names, stratified_folds
+from .data import DEFAULT_RESOLUTION, folder_dataset, load, sample_root
 from .files import free_name, is_inside, new_folder, write_bytes, write_json
 from .model import Config, fold_batchnorm, features
 from .model import apply as model_apply
+from .sources import DataError, Dataset, TensorSource
 from .step import Policy, inference_policy, to_device
 
 KINDS = ("label", "conflict", "leak", "duplicate", "outlier")
@@ -80,31 +82,26 @@ class Pool:
     def __len__(self) -> int:
         return len(self.names)
 
-    def subset(self, items: torch.Tensor) -> TensorSource:
-        rows = torch.arange(len(self)) if self.source.rows is None else self.source.rows
-        return TensorSource(self.source.images, self.labels[items], rows[items])
-
     def pixels(self, i: int) -> torch.Tensor:
         """Image ``i`` as stored: (C, H, W) uint8."""
         return self.source.gather(torch.tensor([i]))[0][0]
 
 
-def load_pool(data: str, *, resolution: int | None = None, val_split: float = 0.2, seed: int = 0,
+def load_pool(name: str, *, resolution: int | None = None, val_split: float = 0.2, seed: int = 0,
               cache: str = "auto", device: torch.device | None = None, progress=None) -> tuple[Pool, list]:
-    """``data`` ("sample", "fashion-mnist" or a folder) as a ``Pool``, and the cache reports. The sample is read
-    from its folder, so that its images have file names."""
+    """The data set ``name`` ("sample", "fashion-mnist" or a folder) as a ``Pool``, and the cache reports. The
+    sample is read from its folder, so that its images have file names."""
     from .cache import cached
 
-    if data == "sample":
-        shown = data_lib.load("sample", resolution=resolution)
-        root = data_lib.sample_root()
-        classes, train, val, split = data_lib.folder_dataset(root, val_split=val_split, seed=seed)
+    if name == "sample":
+        shown = load("sample", resolution=resolution)
+        _, train, val, split = folder_dataset(sample_root(), val_split=val_split, seed=seed)
         dataset = dataclasses.replace(shown, train=train, val=val, split={**split, "kind": "sample"}, skipped=[])
-    elif data in ("imagenette",):
+    elif name == "imagenette":
         raise DataError("audit works on folders, sample and fashion-mnist; give imagenette's folder instead")
     else:
-        dataset = data_lib.load(data, resolution=resolution, val_split=val_split, seed=seed)
-    train_names, val_names = data_lib.item_names(dataset)
+        dataset = load(name, resolution=resolution, val_split=val_split, seed=seed)
+    train_names, val_names = item_names(dataset)
     reports, skipped, parts = [], list(dataset.skipped), []
     for source, names in ((dataset.train, train_names), (dataset.val, val_names)):
         tensors, report, lost = cached(source, dataset.preprocess, cache, device=device, progress=progress)
@@ -122,10 +119,10 @@ def load_pool(data: str, *, resolution: int | None = None, val_split: float = 0.
     labels = torch.cat([y_train, y_val])
     n = len(labels)
     if n == 0:
-        raise DataError(f"{data}: no readable images")
+        raise DataError(f"{name}: no readable images")
     counts = torch.bincount(labels, minlength=len(dataset.classes))
     if (counts > 0).sum() < 2:
-        raise DataError(f"{data}: the readable images are of {int((counts > 0).sum())} class; an audit needs 2 or more")
+        raise DataError(f"{name}: the readable images are of {int((counts > 0).sum())} class; an audit needs 2 or more")
     is_val = torch.zeros(n, dtype=torch.bool)
     is_val[len(y_train):] = True
     root = dataset.split.get("root")
@@ -197,8 +194,8 @@ def model_outputs(cfg: Config, params: dict, state: dict, source, preprocess: di
     with torch.no_grad():
         folded = fold_batchnorm(cfg, params, state)
     logits, embeddings, norms = [], [], []
-    for batch in data_lib.batches(source, preprocess, batch_size=batch_size, train=False, device=policy.device,
-                                  channels_last=policy.channels_last):
+    for batch in batches(source, preprocess, batch_size=batch_size, train=False, device=policy.device,
+                         channels_last=policy.channels_last):
         with torch.no_grad(), policy.autocast():
             h = pooled_features(cfg, folded, batch.x)  # (B, D)
             logits.append(F.linear(h, params["fc"]["weight"], params["fc"]["bias"]).float().cpu())
@@ -210,21 +207,6 @@ def model_outputs(cfg: Config, params: dict, state: dict, source, preprocess: di
     if norms:
         out["grad_norm"] = torch.cat(norms)
     return out
-
-
-def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
-    """(N,) the fold of each item: each class's items shuffled (seeded) and dealt round-robin into ``folds``."""
-    if folds < 2:
-        raise ValueError(f"--folds must be at least 2, got {folds}")
-    fold = torch.empty(len(labels), dtype=torch.long)
-    generator = torch.Generator().manual_seed(seed)
-    start = 0
-    for c in labels.unique().tolist():
-        idx = (labels == c).nonzero().flatten()
-        idx = idx[torch.randperm(len(idx), generator=generator)]
-        fold[idx] = (torch.arange(len(idx)) + start) % folds  # the class's remainder lands on different folds
-        start += len(idx)
-    return fold
 
 
 @dataclass
@@ -250,8 +232,8 @@ def out_of_sample(pool: Pool, cfg: Config, opts, *, folds: int = 3, grad: str = 
     embeddings, fold_top1 = None, []
     for f in range(folds):
         held, rest = (fold == f).nonzero().flatten(), (fold != f).nonzero().flatten()
-        dataset = Dataset(pool.name, pool.classes, pool.subset(rest), pool.subset(held), pool.preprocess,
-                          {"kind": "audit-fold", "fold": f, "folds": folds})
+        dataset = Dataset(pool.name, pool.classes, pool.source.subset(rest), pool.source.subset(held),
+                          pool.preprocess, {"kind": "audit-fold", "fold": f, "folds": folds})
         trainer = Trainer(cfg, opts, dataset, device)
         trainer.start_fresh()
         for event in trainer.run():
@@ -259,8 +241,8 @@ def out_of_sample(pool: Pool, cfg: Config, opts, *, folds: int = 3, grad: str = 
         # The last epoch's model: the held-out fold must not pick the epoch it is then judged by.
         policy = inference_policy(device)
         if f == 0:
-            embeddings = model_outputs(cfg, trainer.params, trainer.state, pool.subset(torch.arange(n)),
-                                       pool.preprocess, grad="off", policy=policy)["embeddings"]
+            embeddings = model_outputs(cfg, trainer.params, trainer.state, pool.source, pool.preprocess, grad="off",
+                                       policy=policy)["embeddings"]
         out = model_outputs(cfg, trainer.params, trainer.state, dataset.val, pool.preprocess, grad=grad, policy=policy)
         logits[held] = out["logits"]
         if grad != "off":
@@ -279,8 +261,7 @@ def from_weights(pool: Pool, weights, *, grad: str = "head", device: torch.devic
     params, state = to_device(weights.params, policy.device), to_device(weights.state, policy.device)
     # The data's geometry (its images are stored for it), the weights' normalisation.
     preprocess = {**pool.preprocess, **{k: weights.preprocess[k] for k in ("mean", "std") if k in weights.preprocess}}
-    out = model_outputs(weights.config, params, state, pool.subset(torch.arange(len(pool))), preprocess, grad=grad,
-                        policy=policy)
+    out = model_outputs(weights.config, params, state, pool.source, preprocess, grad=grad, policy=policy)
     return Outputs(out["logits"], out["embeddings"], out.get("grad_norm"), "weights", grad)
 
 
@@ -500,7 +481,7 @@ def fixed_split(pool: Pool, result: Audit) -> tuple[str, object]:
 
 def default_out_dir(name_or_folder: str, root: Path = Path("audits")) -> Path:
     """audits/<data> for the data set ``name_or_folder``, with -2, -3, ... when taken."""
-    if name_or_folder in data_lib.DEFAULT_RESOLUTION:
+    if name_or_folder in DEFAULT_RESOLUTION:
         return free_name(root / name_or_folder)
     return free_name(root / Path(name_or_folder).expanduser().resolve().name)
 

@@ -36,8 +36,9 @@ from typing import Callable, Iterator
 import torch
 
 from . import files
-from .data import DataError, Dataset, FileSource, Skipped, TensorSource, cache_dir, scan_folder, skip_reason
+from .data import cache_dir, scan_folder
 from .preprocess import IMAGE_ERRORS, MAX_DECODED_PIXELS, Layout, fit, read_rgb
+from .sources import DataError, Dataset, FileSource, Skipped, TensorSource, skip_reason
 
 MODES = ("auto", "ram", "disk", "off")
 FORMAT = "mobilenet-fn decoded cache 1"
@@ -77,25 +78,25 @@ def decode_on_device(paths: list[str], layout: Layout, device: torch.device) -> 
     what this cannot read (not a JPEG, damaged, too large, or a decoder error), for PIL to try."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    data = {}
+    encoded = {}
     for k, path in enumerate(paths):
         if Path(path).suffix.lower() in files.JPEG_SUFFIXES:
             with contextlib.suppress(OSError):
-                data[k] = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+                encoded[k] = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
 
     def decode(batch: list[torch.Tensor]) -> list[torch.Tensor]:
         with warnings.catch_warnings():  # torchvision 0.29 announces their move to TorchCodec
             warnings.simplefilter("ignore", DeprecationWarning)
             return decode_jpeg(batch, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
 
-    keys = [k for k, d in data.items() if d.numel()]
+    keys = [k for k, d in encoded.items() if d.numel()]
     try:
-        images = decode([data[k] for k in keys]) if keys else []
+        images = decode([encoded[k] for k in keys]) if keys else []
     except RuntimeError:  # one bad file fails the batch: each on its own
         images = []
         for k in keys:
             try:
-                images += decode([data[k]])
+                images += decode([encoded[k]])
             except RuntimeError:
                 images.append(None)
     out: list[torch.Tensor | None] = [None] * len(paths)

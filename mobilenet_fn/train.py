@@ -17,13 +17,14 @@ from typing import Iterator
 
 import torch
 
-from . import data as data_lib
+from . import batches as batch_lib
 from . import distributed
 from .augment import AUTO_AUGMENTS, CROP_SCALE, Augment
 from .cache import MODES as CACHE_MODES
 from .evaluate import evaluate
 from .model import Config
 from .optim import OPTIMIZERS, SCHEDULES, make_optimizer, make_schedule
+from .sources import Dataset
 from .step import (
     AMP_CHOICES, COMPILE_CHOICES, SWITCH_CHOICES, averaged, build_step, device_policy, inference_policy, initial_state,
     to_device,
@@ -179,7 +180,7 @@ class Trainer:
 
     cfg: Config
     opts: TrainOptions
-    dataset: data_lib.Dataset
+    dataset: Dataset
     device: torch.device
     dist: distributed.Context = field(default_factory=distributed.Context)
     params: dict = field(default=None)
@@ -333,7 +334,7 @@ class Trainer:
         ``self.progress``. Returns the seconds spent waiting for batches."""
         opts, policy = self.opts, self.policy
         first_seen, last_report = self.seen, t0
-        batches = data_lib.batches(
+        batches = batch_lib.batches(
             self.dataset.train, self.dataset.preprocess, batch_size=opts.batch_size, train=True,
             augment=opts.augmentation, num_classes=len(self.dataset.classes), device=self.device,
             seed=opts.seed, epoch=self.epoch,

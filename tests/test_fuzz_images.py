@@ -15,7 +15,8 @@ import torch
 from PIL import Image, ImageFile
 
 from mobilenet_fn import Config, save_weights
-from mobilenet_fn.data import FileSource, batches
+from mobilenet_fn.batches import batches
+from mobilenet_fn.sources import FileSource
 from mobilenet_fn.preprocess import MAX_DECODED_PIXELS, ImageTooLarge, eval_image, preprocess_for, read_rgb
 from test_weights import make_weights
 

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from mobilenet_fn import Config, Weights, init, load_weights, save_weights
 from mobilenet_fn.cli.main import app
-from mobilenet_fn.data import IMAGENET_STATS, preprocess_for
+from mobilenet_fn.data import IMAGENET_STATS
+from mobilenet_fn.preprocess import preprocess_for
 from mobilenet_fn.weights import (
     CHECKPOINT_FORMAT, FORMAT, WeightsError, load_checkpoint, pickle_globals, save_checkpoint,
     weights_from_checkpoint,
