@@ -86,8 +86,8 @@ def audit(
         if folds < 2:
             raise UserError(f"--folds must be at least 2, got {folds}")
     with decoding() as progress:
-        pool, reports = audit_lib.load_pool(data, resolution=resolution, val_split=val_split, seed=seed,
-                                            device=dev if dev.type == "cuda" else None, progress=progress)
+        pool, reports = audit_lib.load_pool(data, resolution=resolution, val_split=val_split, seed=seed, device=dev,
+                                            progress=progress)
     for report in reports:
         report_cache(report)
     out = out or default_out_dir(data)

@@ -167,6 +167,8 @@ def _new_run(opts, *, auto_batch, alpha, resolution, activation, dropout, init, 
     from mobilenet_fn.rundir import RunDir, default_run_dir, taken
     from mobilenet_fn.train import Trainer
 
+    from .progress import through_cache
+
     if opts.freeze_backbone and init is None:
         raise UserError("--freeze-backbone needs --init weights.pkl (a backbone worth keeping)")
     if out is not None and out.exists():  # said before the data is loaded; RunDir.create checks again
@@ -178,7 +180,7 @@ def _new_run(opts, *, auto_batch, alpha, resolution, activation, dropout, init, 
         dataset = data_lib.load(opts.data, resolution=resolution, val_split=opts.val_split, seed=opts.seed)
     _report_ignored(dataset.ignored)
     dataset = _restrict(dataset, opts)
-    dataset = _through_cache(dataset, opts.cache, dev)
+    dataset = through_cache(dataset, opts.cache, dev)
     base = start.config if start else Config(alpha=0.5 if alpha is None else alpha, activation=activation or "relu")
     cfg = dataclasses.replace(base, resolution=dataset.preprocess["resolution"], num_classes=len(dataset.classes),
                               dropout=dropout)
@@ -237,23 +239,6 @@ def _restrict(dataset, opts):
         unknown = f"; {dropped['unknown']} listed file(s) are not in the data" if dropped["unknown"] else ""
         err.print(f"Excluded {dropped['train']} training and {dropped['val']} validation image(s) listed in "
                   f"{opts.exclude}{unknown}", highlight=False, soft_wrap=True)
-    return dataset
-
-
-def _through_cache(dataset, mode: str, dev):
-    """The dataset with its folders read through the decoded cache (built first, with a progress bar, if need be).
-    Each of this machine's processes holds a copy in RAM; one of them builds it while the others wait."""
-    import os
-
-    from mobilenet_fn.cache import cached_dataset
-
-    from .progress import decoding, report_cache
-
-    with decoding() as progress:
-        dataset, reports = cached_dataset(dataset, mode, device=dev if dev.type == "cuda" else None,
-                                          copies=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), progress=progress)
-    for report in reports:
-        report_cache(report)
     return dataset
 
 
@@ -320,6 +305,8 @@ def _resume(run_dir: Path, epochs: int | None, dev, ctx):
     from mobilenet_fn.rundir import RunDir
     from mobilenet_fn.train import OLDER_RUNS, TrainOptions, Trainer
 
+    from .progress import through_cache
+
     run = RunDir.open(run_dir)
     ckpt = run.load_last()
     options = {**OLDER_RUNS, **ckpt["run"], "device": str(dev)}
@@ -337,7 +324,7 @@ def _resume(run_dir: Path, epochs: int | None, dev, ctx):
         raise UserError(f"the data's classes no longer match the run's ({opts.data})")
     _report_ignored(dataset.ignored)
     dataset = _restrict(dataset, opts)
-    dataset = _through_cache(dataset, opts.cache, dev)
+    dataset = through_cache(dataset, opts.cache, dev)
     trainer = Trainer(cfg, opts, dataset, dev, dist=ctx)
     trainer.restore(ckpt, best=run.load_best())
     if trainer.epoch >= opts.epochs and not trainer.progress.trained:  # trained: the last epoch's end is owed

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .batches import batches
+from .cache import cached_dataset
 from .curation import item_names, stratified_folds
 from .data import folder_dataset, load, sample_root
 from .model import Config, fold_batchnorm, features
@@ -84,10 +85,9 @@ class Pool:
 
 def load_pool(name: str, *, resolution: int | None = None, val_split: float = 0.2, seed: int = 0,
               cache: str = "auto", device: torch.device | None = None, progress=None) -> tuple[Pool, list]:
-    """The data set ``name`` ("sample", "fashion-mnist" or a folder) as a ``Pool``, and the cache reports. The
-    sample is read from its folder, so that its images have file names."""
-    from .cache import cached
-
+    """The data set ``name`` ("sample", "fashion-mnist" or a folder) as a ``Pool``, read through the decoded cache
+    (``cache.cached_dataset``, for ``device``), and the cache reports. The sample is read from its folder, so that
+    its images have file names."""
     if name == "sample":
         shown = load("sample", resolution=resolution)
         _, train, val, split = folder_dataset(sample_root(), val_split=val_split, seed=seed)
@@ -97,19 +97,13 @@ def load_pool(name: str, *, resolution: int | None = None, val_split: float = 0.
     else:
         dataset = load(name, resolution=resolution, val_split=val_split, seed=seed)
     train_names, val_names = item_names(dataset)
-    reports, skipped, parts = [], list(dataset.skipped), []
-    for source, names in ((dataset.train, train_names), (dataset.val, val_names)):
-        tensors, report, lost = cached(source, dataset.preprocess, cache, device=device, progress=progress)
-        if report is not None and report not in reports:
-            reports.append(report)
-        lost_paths = {s.path for s in lost}
-        skipped += lost
-        parts.append((tensors, [n for n in names if n not in lost_paths]))
-    if not isinstance(parts[0][0], TensorSource):
+    decoded, reports = cached_dataset(dataset, cache, device=device, progress=progress)
+    if not isinstance(decoded.train, TensorSource):
         raise DataError("audit reads images through the decoded cache; --cache off is not available here")
-    (train, train_names), (val, val_names) = parts
-    x_train, y_train = train.gather(torch.arange(len(train)))
-    x_val, y_val = val.gather(torch.arange(len(val)))
+    unreadable = {s.path for s in decoded.skipped[len(dataset.skipped):]}
+    names = [n for n in train_names + val_names if n not in unreadable]
+    x_train, y_train = decoded.train.gather(torch.arange(len(decoded.train)))
+    x_val, y_val = decoded.val.gather(torch.arange(len(decoded.val)))
     images = torch.cat([x_train, x_val])
     labels = torch.cat([y_train, y_val])
     n = len(labels)
@@ -121,8 +115,8 @@ def load_pool(name: str, *, resolution: int | None = None, val_split: float = 0.
     is_val = torch.zeros(n, dtype=torch.bool)
     is_val[len(y_train):] = True
     root = dataset.split.get("root")
-    return Pool(dataset.name, list(dataset.classes), train_names + val_names, TensorSource(images, labels), is_val,
-                dataset.preprocess, dataset.split, [str(s) for s in skipped], list(dataset.ignored), root), reports
+    return Pool(dataset.name, list(dataset.classes), names, TensorSource(images, labels), is_val, dataset.preprocess,
+                dataset.split, [str(s) for s in decoded.skipped], list(dataset.ignored), root), reports
 
 
 # ---------------------------------------------------------------------------------------------------------------

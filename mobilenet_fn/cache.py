@@ -336,14 +336,16 @@ def cached(source, preprocess: dict, mode: str = "auto", *, threads: int | None 
            device: torch.device | None = None, copies: int = 1,
            progress: Callable[[int, int], None] | None = None) -> tuple[object, Report | None, list[Skipped]]:
     """``source`` read through the cache of its folder: (a TensorSource of the readable files, the Report, the
-    source's unreadable files). ``off``, a source with no folder or one already in memory: (source, None, [])."""
+    source's unreadable files). ``off``, a source with no folder or one already in memory: (source, None, []).
+    ``device`` is where the images are going: a cache is built by decoding its JPEGs there when it is a GPU."""
     if mode not in MODES:
         raise ValueError(f"--cache must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "off" or not isinstance(source, FileSource) or source.root is None:
         return source, None, []
     root = Path(source.root)
     threads = threads or len(os.sched_getaffinity(0))
-    opened = open_folder(root, Layout.of(preprocess), mode, threads=threads, device=device, copies=copies,
+    decoder = device if device is not None and torch.device(device).type == "cuda" else None
+    opened = open_folder(root, Layout.of(preprocess), mode, threads=threads, device=decoder, copies=copies,
                          progress=progress)
     rows, labels, skipped = [], [], []
     for path, label in source.samples:
