@@ -51,7 +51,8 @@ def test_quantize_draws_its_images_through_the_rows_of_a_cache():
 def test_splits_and_folds_are_stratified_and_seeded():
     labels = torch.arange(60) % 3
     train, val = stratified_split(labels, 0.2, seed=4)
-    assert torch.bincount(labels[val]).tolist() == [4, 4, 4] and sorted(train.tolist() + val.tolist()) == list(range(60))
+    assert torch.bincount(labels[val]).tolist() == [4, 4, 4]
+    assert sorted(train.tolist() + val.tolist()) == list(range(60))
     assert all(torch.equal(a, b) for a, b in zip((train, val), stratified_split(labels, 0.2, seed=4)))
     assert not torch.equal(val, stratified_split(labels, 0.2, seed=5)[1])
     fold = stratified_folds(labels, 4, seed=4)
