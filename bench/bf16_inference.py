@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from mobilenet_fn import data as data_lib
+from mobilenet_fn import batches as batch_lib
+from mobilenet_fn.data import eval_source
 from mobilenet_fn.model import apply, fold_batchnorm
 from mobilenet_fn.step import cpu_native_bf16, inference_policy
 from mobilenet_fn.weights import load_weights
@@ -45,11 +46,11 @@ def main() -> None:
     args = p.parse_args()
     w = load_weights(args.weights)
     data = args.data or w.data.get("kind", "sample")
-    source = data_lib.eval_source(data, w.classes)
+    source = eval_source(data, w.classes)
     policy = inference_policy(torch.device("cpu"))
     batches, labels = [], []
-    for b in data_lib.batches(source, w.preprocess, batch_size=args.batch_size, train=False,
-                              channels_last=policy.channels_last):  # decoded once, outside the timing
+    for b in batch_lib.batches(source, w.preprocess, batch_size=args.batch_size, train=False,
+                               channels_last=policy.channels_last):  # decoded once, outside the timing
         batches.append(b.x)
         labels.append(b.y)
     labels = torch.cat(labels)

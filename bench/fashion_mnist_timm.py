@@ -11,7 +11,7 @@ The counterpart of
     mobilenet-fn train --data fashion-mnist --alpha 0.5 --epochs 20 --batch-size 128 --lr 0.1
 
 with everything but the model code held the same: the data and its split (``mobilenet_fn.data.load``), the batches
-and their augmentation (``mobilenet_fn.data.batches`` with the seed and epoch the Trainer passes, so the same
+and their augmentation (``mobilenet_fn.batches.batches`` with the seed and epoch the Trainer passes, so the same
 random resized crops (``--crop-scale``) and flips in the same order), 32 px, channels-last, the cosine schedule
 with one warmup epoch (``mobilenet_fn.optim.make_schedule``, set per step), SGD with Nesterov momentum 0.9, weight
 decay 4e-5 on full convolutions, pointwise and classifier weights only (not depthwise filters, BatchNorm or
@@ -26,7 +26,7 @@ The recipe's ingredients come from timm's own classes, applied as timm's train.p
 ``timm.data.RandomErasing`` (mode "pixel", on the normalised batch), ``--mixup``/``--cutmix`` with
 ``timm.data.Mixup`` (per element, label smoothing folded into its targets, ``SoftTargetCrossEntropy``), and
 ``--clip-grad`` with ``torch.nn.utils.clip_grad_norm_``. ``--auto-augment trivial`` is the one ingredient taken from
-``mobilenet_fn.data.batches`` with the crops (torchvision's op, batched). ``--amp bf16`` runs the forward under bf16
+``mobilenet_fn.batches.batches`` with the crops (torchvision's op, batched). ``--amp bf16`` runs the forward under bf16
 autocast, as timm's ``--amp --amp-dtype bfloat16``.
 
 Prints one line per epoch, then the wall time, best validation top-1 and test top-1. ``--out`` writes a JSON
@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mobilenet_fn import batches as batch_lib
 from mobilenet_fn import data as data_lib
 from mobilenet_fn.augment import Augment
 from mobilenet_fn.options import CROP_SCALE
@@ -82,7 +83,7 @@ def evaluate(model, source, preprocess, device, channels_last: bool, batch_size:
     model.eval()
     correct, loss_sum, n = 0, 0.0, 0
     with torch.no_grad():
-        for batch in data_lib.batches(source, preprocess, batch_size=batch_size, train=False, device=device,
+        for batch in batch_lib.batches(source, preprocess, batch_size=batch_size, train=False, device=device,
                                       channels_last=channels_last):
             logits = model(batch.x).float()
             loss_sum += F.cross_entropy(logits, batch.y, reduction="sum").item()
@@ -195,7 +196,7 @@ def main(argv=None) -> None:
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
         seen = 0
-        for i, batch in enumerate(data_lib.batches(
+        for i, batch in enumerate(batch_lib.batches(
                 dataset.train, pre, batch_size=args.batch_size, train=True, augment=spec, device=device,
                 seed=args.seed, epoch=epoch, channels_last=args.channels_last)):
             if i >= steps:

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from mobilenet_fn import cache
-from mobilenet_fn import data as data_lib
+from mobilenet_fn.batches import batches
+from mobilenet_fn.data import load
 from mobilenet_fn.model import Config
 from mobilenet_fn.step import keep_freed_memory
 from mobilenet_fn.options import TrainOptions
@@ -77,8 +78,8 @@ def build_and_open(root: Path, preprocess: dict) -> dict:
 def loader_epoch(source, preprocess, epoch: int, workers: int) -> float:
     """img/s of one training epoch of batches (64) from ``source``, no model."""
     t0, n = time.perf_counter(), 0
-    for batch in data_lib.batches(source, preprocess, batch_size=64, train=True, seed=0, epoch=epoch,
-                                  workers=workers, channels_last=True):
+    for batch in batches(source, preprocess, batch_size=64, train=True, seed=0, epoch=epoch,
+                         workers=workers, channels_last=True):
         n += len(batch.y)
     return n / (time.perf_counter() - t0)
 
@@ -101,8 +102,8 @@ def step_alone(trainer: Trainer, steps: int) -> float:
     """img/s of ``steps`` training steps of ``trainer``'s own step on one batch made once: what training would
     reach if batches cost nothing."""
     ds, opts = trainer.dataset, trainer.opts
-    batch = next(data_lib.batches(ds.train, ds.preprocess, batch_size=opts.batch_size, train=True,
-                                  augment=augmentation(opts), channels_last=trainer.policy.channels_last))
+    batch = next(batches(ds.train, ds.preprocess, batch_size=opts.batch_size, train=True,
+                         augment=augmentation(opts), channels_last=trainer.policy.channels_last))
     step, trees, lr = trainer.make_step(), (trainer.params, trainer.state, trainer.opt_state), torch.tensor(0.01)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -112,9 +113,7 @@ def step_alone(trainer: Trainer, steps: int) -> float:
 
 
 def first(source, n: int):
-    if isinstance(source, data_lib.FileSource):
-        return data_lib.FileSource(source.samples[:n], source.root)
-    return data_lib.TensorSource(source.images, source.labels[:n], source.rows[:n])
+    return source.subset(torch.arange(min(n, len(source))))
 
 
 def part(dataset, n_train: int, n_val: int):
@@ -150,7 +149,7 @@ def main() -> None:
     if args.quick:
         args.rounds, args.alphas, args.accuracy_epochs = 2, [0.25], 0
     print(machine())
-    files = data_lib.load(str(args.folder), resolution=args.resolution, seed=0)
+    files = load(str(args.folder), resolution=args.resolution, seed=0)
     print(f"{args.folder}: {len(files.train)} training and {len(files.val)} validation images, "
           f"{len(files.classes)} classes, {args.resolution} px (eval resize {files.preprocess['resize']})\n")
 

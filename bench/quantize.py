@@ -25,6 +25,7 @@ Every contender runs on ``--threads`` threads (torch and onnxruntime alike). In 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -35,14 +36,15 @@ from typing import Callable
 
 import torch
 
-from mobilenet_fn import data as data_lib
+from mobilenet_fn.data import IMAGENET_STATS, eval_source
 from mobilenet_fn.export import InferenceModule, export_onnx
 from mobilenet_fn.extras import require
 from mobilenet_fn.model import Config, apply, fold_batchnorm, init
-from mobilenet_fn.onnx_model import load_onnx
+from mobilenet_fn.onnx_model import OnnxModel, load_onnx
 from mobilenet_fn.preprocess import preprocess_for
-from mobilenet_fn.quantize import (CALIBRATION_IMAGES, calibration_inputs, quantization_sources, quantize_onnx,
-                                   subset, summary)
+from mobilenet_fn.quantize import calibration_inputs, quantization_sources, quantize_onnx, random_subset, summary
+from mobilenet_fn.quantize_options import CALIBRATION_IMAGES
+from mobilenet_fn.sources import Source, TensorSource
 from mobilenet_fn.step import inference_policy
 from mobilenet_fn.weights import Weights, load_weights
 
@@ -80,14 +82,14 @@ def random_weights(cfg: Config) -> Weights:
         bn["var"] = torch.rand(bn["var"].shape, generator=g) + 0.5
     classes = [f"c{i}" for i in range(cfg.num_classes)]
     return Weights(cfg, params, state, classes,
-                   preprocess_for(cfg.resolution, crop_pct=0.875, stats=data_lib.IMAGENET_STATS))
+                   preprocess_for(cfg.resolution, crop_pct=0.875, stats=IMAGENET_STATS))
 
 
-def random_source(cfg: Config, n: int) -> data_lib.TensorSource:
+def random_source(cfg: Config, n: int) -> TensorSource:
     g = torch.Generator().manual_seed(1)
     r = cfg.resolution
-    return data_lib.TensorSource(torch.randint(0, 256, (n, 3, r, r), dtype=torch.uint8, generator=g),
-                                 torch.randint(0, cfg.num_classes, (n,), generator=g))
+    return TensorSource(torch.randint(0, 256, (n, 3, r, r), dtype=torch.uint8, generator=g),
+                        torch.randint(0, cfg.num_classes, (n,), generator=g))
 
 
 def float_torch(w: Weights) -> Callable:
@@ -133,14 +135,25 @@ def pt2e_int8(w: Weights, calibration: list[torch.Tensor], compile: bool = True)
     return run
 
 
-def ort_float_and_int8(w: Weights, tmp: Path, calibration: data_lib.Source, held_out: data_lib.Source,
+def on_threads(path: Path, threads: int) -> OnnxModel:
+    """The ONNX file on ``threads`` threads, whose idle threads sleep at once instead of spinning (spinning, they
+    take cores from torch, which runs in turn with it here)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return dataclasses.replace(load_onnx(path), session=session)
+
+
+def ort_float_and_int8(w: Weights, tmp: Path, calibration: Source, held_out: Source,
                        threads: int) -> tuple[Callable, Callable, Path, Path]:
     float_path, int8_path = tmp / "float.onnx", tmp / "int8.onnx"
     export_onnx(w, float_path, fold_bn=True)
     result = quantize_onnx(w, int8_path, calibration, held_out, min_agreement=0.0, max_drop=1.0)
     log(f"int8 ORT check: {summary(result)}")
-    return (load_onnx(float_path, threads, spin=False), load_onnx(int8_path, threads, spin=False), float_path,
-            int8_path)
+    return on_threads(float_path, threads), on_threads(int8_path, threads), float_path, int8_path
 
 
 def measure(contenders: dict[str, Callable], x: torch.Tensor, rounds: int, iters: int) -> dict[str, list[float]]:
@@ -178,7 +191,7 @@ def speed(args) -> None:
         sizes = {"float ONNX": f_path.stat().st_size, "int8 ONNX": q_path.stat().st_size}
         contenders = {"float torch": float_torch(w), "float ORT": f_ort, "int8 ORT": q_ort}
         if args.pt2e:
-            calibration = [torch.from_numpy(a) for a in calibration_inputs(subset(source, 100), w.preprocess)]
+            calibration = [torch.from_numpy(a) for a in calibration_inputs(random_subset(source, 100), w.preprocess)]
             log("int8 PT2E: export, prepare, calibrate, convert, compile (minutes on 2 cores)")
             contenders["int8 PT2E"] = pt2e_int8(w, calibration)
         g = torch.Generator().manual_seed(2)
@@ -216,12 +229,12 @@ def accuracy(args) -> None:
     w = load_weights(args.weights)
     print(machine())
     calibration, held_out = quantization_sources(args.data, w.classes)
-    test = data_lib.eval_source(args.data, w.classes)
+    test = eval_source(args.data, w.classes)
     with tempfile.TemporaryDirectory() as tmp:
         f_ort, q_ort, f_path, q_path = ort_float_and_int8(w, Path(tmp), calibration, held_out, args.threads)
         contenders = {"float torch": float_torch(w), "float ORT": f_ort, "int8 ORT": q_ort}
         if args.pt2e:
-            batches = calibration_inputs(subset(calibration, CALIBRATION_IMAGES), w.preprocess)
+            batches = calibration_inputs(random_subset(calibration, CALIBRATION_IMAGES), w.preprocess)
             contenders["int8 PT2E (eager)"] = pt2e_int8(w, [torch.from_numpy(a) for a in batches], compile=False)
         preds = {}
         for name, forward in contenders.items():

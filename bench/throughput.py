@@ -150,7 +150,7 @@ def ours_train(cfg: Config, dev: torch.device, x, y, compile_flag: str, amp_flag
     step = build_step(cfg, optimizer, policy, label_smoothing=LABEL_SMOOTHING)
     params, state, opt_state = initial_state(cfg, optimizer, dev, seed=0)
     holder = {"params": params, "state": state, "opt_state": opt_state}
-    batch = (fmt(x, policy.channels_last), y)  # data.batches(channels_last=...) hands the step this layout
+    batch = (fmt(x, policy.channels_last), y)  # batches.batches(channels_last=...) hands the step this layout
 
     def run(n: int) -> None:
         for _ in range(n):

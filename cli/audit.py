@@ -55,6 +55,7 @@ def audit(
 
     t0 = time.perf_counter()
     from mobilenet_fn import audit as audit_lib
+    from mobilenet_fn.audit_report import check_outside, default_out_dir, write_report
     from mobilenet_fn.extras import require
     from mobilenet_fn.model import Config
     from mobilenet_fn.step import keep_freed_memory
@@ -72,7 +73,7 @@ def audit(
     if out is not None and out.exists():
         raise UserError(f"{out} already exists; pick another --out")
     if out is not None and Path(data).expanduser().is_dir():
-        audit_lib.check_outside(out, data)
+        check_outside(out, data)
     trained = None
     if weights is not None:
         from mobilenet_fn.weights import load_weights
@@ -85,12 +86,12 @@ def audit(
         if folds < 2:
             raise UserError(f"--folds must be at least 2, got {folds}")
     with decoding() as progress:
-        pool, reports = audit_lib.load_pool(data, resolution=resolution, val_split=val_split, seed=seed,
-                                            device=dev if dev.type == "cuda" else None, progress=progress)
+        pool, reports = audit_lib.load_pool(data, resolution=resolution, val_split=val_split, seed=seed, device=dev,
+                                            progress=progress)
     for report in reports:
         report_cache(report)
-    out = out or audit_lib.default_out_dir(data)
-    audit_lib.check_outside(out, pool.root)
+    out = out or default_out_dir(data)
+    check_outside(out, pool.root)
     err.print(escape(f"Auditing {pool.name}: {len(pool)} images ({int((~pool.is_val).sum())} train, "
                      f"{int(pool.is_val.sum())} val), {len(pool.classes)} classes"), highlight=False, soft_wrap=True)
 
@@ -120,7 +121,7 @@ def audit(
     with err.status("Ranking label issues, duplicates and outliers…"):
         result = audit_lib.audit(pool, outputs, embed=embed, threshold=threshold)
         settings = {**settings, "seconds": round(time.perf_counter() - t0, 1)}
-        report = audit_lib.write_report(out, pool, outputs, result, settings=settings, fix_split=fix_split, top=top)
+        report = write_report(out, pool, outputs, result, settings=settings, fix_split=fix_split, top=top)
     if json:
         print_json({**report, "out": str(out)})
         return

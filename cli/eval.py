@@ -30,9 +30,13 @@ def evaluate(
     from rich.table import Table
 
     from mobilenet_fn import data as data_lib
+    from mobilenet_fn.cache import cached
     from mobilenet_fn.evaluate import evaluate as run_eval, evaluate_forward
     from mobilenet_fn.onnx_model import OnnxModel
+    from mobilenet_fn.sources import DataError
     from mobilenet_fn.step import inference_policy, to_device
+
+    from .progress import decoding, report_cache
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
@@ -43,13 +47,16 @@ def evaluate(
             raise UserError(f"{weights} records no validation data; pass --data")
         try:
             source = data_lib.validation_source(w.data, w.classes)
-        except data_lib.DataError as e:
+        except DataError as e:
             raise UserError(f"{e}; pass --data") from None
         where = f"the validation split recorded in {weights.name}"
     else:
         source = data_lib.eval_source(data, w.classes)
         where = data
-    source, unreadable = _through_cache(source, w.preprocess, cache, dev)
+    with decoding() as progress:  # the folder read through the decoded cache train uses
+        source, report, unreadable = cached(source, w.preprocess, cache, device=dev, progress=progress)
+    if report is not None:
+        report_cache(report)
     with err.status(f"Evaluating {len(source)} images…"):
         if isinstance(w, OnnxModel):
             result = evaluate_forward(w, w.config.num_classes, source, w.preprocess, batch_size=batch_size,
@@ -84,17 +91,3 @@ def evaluate(
         err.print(f"[yellow]Skipped[/] {escape(s['path'])}: {escape(s['error'])}", highlight=False, soft_wrap=True)
     if len(skipped) > SHOWN_SKIPS:
         err.print(f"Skipped {len(skipped)} unreadable file(s) in all; --json lists every one", highlight=False)
-
-
-def _through_cache(source, preprocess: dict, mode: str, dev):
-    """``source`` read through its folder's decoded cache, and the unreadable files the cache left out."""
-    from mobilenet_fn.cache import cached
-
-    from .progress import decoding, report_cache
-
-    with decoding() as progress:
-        source, report, unreadable = cached(source, preprocess, mode, device=dev if dev.type == "cuda" else None,
-                                            progress=progress)
-    if report is not None:
-        report_cache(report)
-    return source, unreadable

@@ -6,6 +6,7 @@ When stderr is not a terminal (a log file, CI), plain lines instead of a live di
 from __future__ import annotations
 
 import contextlib
+import os
 
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -88,6 +89,20 @@ def decoding():
 
     with bar:
         yield update
+
+
+def through_cache(dataset, mode: str, dev):
+    """``dataset`` with its folders read through the decoded cache (``cache.cached_dataset``), built first with a
+    progress bar if need be, and a line on what each cache did. Each of this machine's processes (torchrun's
+    LOCAL_WORLD_SIZE) holds a copy in RAM; one of them builds it while the others wait."""
+    from mobilenet_fn.cache import cached_dataset
+
+    copies = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    with decoding() as progress:
+        dataset, reports = cached_dataset(dataset, mode, device=dev, copies=copies, progress=progress)
+    for report in reports:
+        report_cache(report)
+    return dataset
 
 
 def report_cache(report, shown: int = 5) -> None:

@@ -8,9 +8,11 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from .common import FORCE, JSON, err, fail, print_json, refuse_existing, user_errors
+from mobilenet_fn.quantize_options import (
+    CALIBRATION_IMAGES, CALIBRATION_METHODS, CHECK_IMAGES, DEFAULT_METHOD, MAX_DROP, MIN_AGREEMENT, NEAR_TIE,
+)
 
-METHODS = ("minmax", "percentile", "entropy")  # mobilenet_fn.quantize.CALIBRATION_METHODS, without importing it
+from .common import FORCE, JSON, err, fail, print_json, refuse_existing, user_errors
 
 
 @user_errors
@@ -20,20 +22,23 @@ def quantize(
         "--calibrate", help="sample, fashion-mnist or a folder of class folders: calibration images are drawn from "
                             "its training part, the check runs on its validation part.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The int8 ONNX file to write.")],
-    images: Annotated[int, typer.Option("--images", "-n", min=1, help="Calibration images (drawn at random).")] = 300,
+    images: Annotated[int, typer.Option(
+        "--images", "-n", min=1, help="Calibration images (drawn at random).")] = CALIBRATION_IMAGES,
     method: Annotated[str, typer.Option(
-        "--method", help="Calibration of activation ranges: " + ", ".join(METHODS) + ".")] = "minmax",
+        "--method", help="Calibration of activation ranges: " + ", ".join(CALIBRATION_METHODS) + ".")] = DEFAULT_METHOD,
     check_images: Annotated[int, typer.Option(
-        "--check-images", min=1, help="Held-out images the int8 model is checked on against the float model.")] = 2000,
+        "--check-images", min=1,
+        help="Held-out images the int8 model is checked on against the float model.")] = CHECK_IMAGES,
     min_agreement: Annotated[float, typer.Option(
-        "--min-agreement", help="Least share of held-out images where int8 picks the float model's top class or, "
-                                "in a near-tie, a class the float model rates within --near-tie of it.")] = 0.98,
+        "--min-agreement",
+        help="Least share of held-out images where int8 picks the float model's top class or, in a near-tie, a class "
+             "the float model rates within --near-tie of it.")] = MIN_AGREEMENT,
     max_drop: Annotated[float, typer.Option(
-        "--max-drop", help="Largest drop in top-1 accuracy from float to int8, as a fraction.")] = 0.01,
+        "--max-drop", help="Largest drop in top-1 accuracy from float to int8, as a fraction.")] = MAX_DROP,
     near_tie: Annotated[float, typer.Option(
         "--near-tie", min=0.0, max=1.0,
         help="Float probability gap under which a different int8 pick is not counted against --min-agreement "
-             "(its cost shows in --max-drop); 0 counts every disagreement.")] = 0.05,
+             "(its cost shows in --max-drop); 0 counts every disagreement.")] = NEAR_TIE,
     force: FORCE = False,
     json: JSON = False,
 ):
@@ -50,8 +55,8 @@ def quantize(
     from mobilenet_fn.quantize import QuantizeError, as_dict, quantization_sources, quantize_onnx, summary
     from mobilenet_fn.weights import load_weights
 
-    if method not in METHODS:
-        fail(f"--method {method}: use one of {', '.join(METHODS)}")
+    if method not in CALIBRATION_METHODS:
+        fail(f"--method {method}: use one of {', '.join(CALIBRATION_METHODS)}")
     refuse_existing(output, force)
     w = load_weights(weights)
     calibration, held_out = quantization_sources(calibrate, w.classes)

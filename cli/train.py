@@ -239,7 +239,10 @@ def _resume(run_dir: Path, epochs: int | None, dev, ctx):
 def _prepared_data(opts, resolution: int | None, dev, classes: list[str] | None = None):
     """The run's data set: loaded, re-split by --split, without what --exclude lists, its folders read through
     the decoded cache; each step said in a line. ``classes``: those a resumed run was trained on."""
+    from mobilenet_fn import curation
     from mobilenet_fn import data as data_lib
+
+    from .progress import through_cache
 
     with err.status("Loading data…"):
         dataset = data_lib.load(opts.data, resolution=resolution, val_split=opts.val_split, seed=opts.seed)
@@ -247,14 +250,14 @@ def _prepared_data(opts, resolution: int | None, dev, classes: list[str] | None 
         raise UserError(f"the data's classes no longer match the run's ({opts.data})")
     _report_ignored(dataset.ignored)
     if opts.split:
-        dataset = data_lib.with_split(dataset, opts.split)
+        dataset = curation.with_split(dataset, opts.split)
         err.print(f"Split from {opts.split}: {len(dataset.train)} train, {len(dataset.val)} validation images")
     if opts.exclude:
-        dataset, dropped = data_lib.exclude(dataset, opts.exclude)
+        dataset, dropped = curation.exclude(dataset, opts.exclude)
         unknown = f"; {dropped['unknown']} listed file(s) are not in the data" if dropped["unknown"] else ""
         err.print(f"Excluded {dropped['train']} training and {dropped['val']} validation image(s) listed in "
                   f"{opts.exclude}{unknown}", highlight=False, soft_wrap=True)
-    return _through_cache(dataset, opts.cache, dev)
+    return through_cache(dataset, opts.cache, dev)
 
 
 def _largest_batch(cfg, opts, dev) -> int:
@@ -278,23 +281,6 @@ def _report_ignored(ignored: list[str]) -> None:
 
         err.print(escape(f"Ignored {len(ignored)} file(s) that are not images, e.g. {ignored[0]}"), highlight=False,
                   soft_wrap=True)
-
-
-def _through_cache(dataset, mode: str, dev):
-    """The dataset with its folders read through the decoded cache (built first, with a progress bar, if need be).
-    Each of this machine's processes holds a copy in RAM; one of them builds it while the others wait."""
-    import os
-
-    from mobilenet_fn.cache import cached_dataset
-
-    from .progress import decoding, report_cache
-
-    with decoding() as progress:
-        dataset, reports = cached_dataset(dataset, mode, device=dev if dev.type == "cuda" else None,
-                                          copies=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), progress=progress)
-    for report in reports:
-        report_cache(report)
-    return dataset
 
 
 def _load_init(path: Path, *, alpha: float, activation: str):

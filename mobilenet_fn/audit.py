@@ -3,7 +3,7 @@
     pool = load_pool("data/flowers")                       # every image, train and val, decoded once
     outputs = out_of_sample(pool, cfg, opts, folds=3)       # K-fold: each image predicted by a model not trained on it
     result = audit(pool, outputs)                           # the issues, ranked
-    write_report(result, pool, "audits/flowers")            # report.json, issues.csv, suspects-<kind>.png
+    audit_report.write_report(Path("audits/flowers"), pool, outputs, result)   # report.json, issues.csv, ...
 
 ``out_of_sample`` trains one model per fold with ``train.Trainer`` (the recipe of ``train`` at a short budget) and
 runs each on the fold it did not see; ``from_weights`` runs a trained model on everything instead (quick, but
@@ -16,37 +16,34 @@ thumbnails (or, with embed="features", the embeddings of ONE model, so that all 
 cosine similarity over a threshold, computed a block at a time; exact duplicates share a hash of the decoded
 pixels; outliers are images whose embedding is far from every class's centroid.
 
-Nothing here prints or writes into the data's folder; ``write_report`` writes only into the folder it is given.
+Nothing here prints or writes a file; ``audit_report`` writes the report, only into the folder it is given.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
-import io
-import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
-from . import data as data_lib
-from .data import DataError, Dataset, TensorSource
-from .files import write_bytes, write_json
+from .batches import batches
+from .cache import cached_dataset
+from .curation import item_names, stratified_folds
+from .data import folder_dataset, load, sample_root
 from .model import Config, fold_batchnorm, features
 from .model import apply as model_apply
+from .sources import DataError, Dataset, TensorSource
 from .step import Policy, inference_policy, to_device
 
 KINDS = ("label", "conflict", "leak", "duplicate", "outlier")
 # What near-duplicates are found in: "pixels", each image's grey 16 x 16 thumbnail standardised by its own mean and
-# spread, or "features", the pooled last feature map of one model (centred). Measured on 10,000 Fashion-MNIST
-# images with 200 resized and JPEG re-encoded copies (made in memory; the README): at the threshold that finds
-# 95 % of the copies, the model's features (4 epochs, 78 % top-1) also paired 1.8-1.9 M clean pairs (features of
-# a classifier gather a class in one spot), the thumbnails 17-29. bench/audit_noise.py sets the default below.
+# spread, or "features", the pooled last feature map of one model (centred). At the threshold that finds most
+# planted copies, features pair far more clean images than thumbnails do (features of a classifier gather a class
+# in one spot): bench/audit_noise.py measures both on Fashion-MNIST and sets the defaults below.
 EMBEDDINGS = ("pixels", "features")
 DUPLICATE_THRESHOLD = {"pixels": 0.995, "features": 0.95}  # cosine similarity
 THUMBNAIL = 16
@@ -81,57 +78,45 @@ class Pool:
     def __len__(self) -> int:
         return len(self.names)
 
-    def subset(self, items: torch.Tensor) -> TensorSource:
-        rows = torch.arange(len(self)) if self.source.rows is None else self.source.rows
-        return TensorSource(self.source.images, self.labels[items], rows[items])
-
     def pixels(self, i: int) -> torch.Tensor:
         """Image ``i`` as stored: (C, H, W) uint8."""
         return self.source.gather(torch.tensor([i]))[0][0]
 
 
-def load_pool(data: str, *, resolution: int | None = None, val_split: float = 0.2, seed: int = 0,
+def load_pool(name: str, *, resolution: int | None = None, val_split: float = 0.2, seed: int = 0,
               cache: str = "auto", device: torch.device | None = None, progress=None) -> tuple[Pool, list]:
-    """``data`` ("sample", "fashion-mnist" or a folder) as a ``Pool``, and the cache reports. The sample is read
-    from its folder, so that its images have file names."""
-    from .cache import cached
-
-    if data == "sample":
-        shown = data_lib.load("sample", resolution=resolution)
-        root = data_lib.sample_root()
-        classes, train, val, split = data_lib.folder_dataset(root, val_split=val_split, seed=seed)
+    """The data set ``name`` ("sample", "fashion-mnist" or a folder) as a ``Pool``, read through the decoded cache
+    (``cache.cached_dataset``, for ``device``), and the cache reports. The sample is read from its folder, so that
+    its images have file names."""
+    if name == "sample":
+        shown = load("sample", resolution=resolution)
+        _, train, val, split = folder_dataset(sample_root(), val_split=val_split, seed=seed)
         dataset = dataclasses.replace(shown, train=train, val=val, split={**split, "kind": "sample"}, skipped=[])
-    elif data in ("imagenette",):
+    elif name == "imagenette":
         raise DataError("audit works on folders, sample and fashion-mnist; give imagenette's folder instead")
     else:
-        dataset = data_lib.load(data, resolution=resolution, val_split=val_split, seed=seed)
-    train_names, val_names = data_lib.item_names(dataset)
-    reports, skipped, parts = [], list(dataset.skipped), []
-    for source, names in ((dataset.train, train_names), (dataset.val, val_names)):
-        tensors, report, lost = cached(source, dataset.preprocess, cache, device=device, progress=progress)
-        if report is not None and report not in reports:
-            reports.append(report)
-        lost_paths = {s.path for s in lost}
-        skipped += lost
-        parts.append((tensors, [n for n in names if n not in lost_paths]))
-    if not isinstance(parts[0][0], TensorSource):
+        dataset = load(name, resolution=resolution, val_split=val_split, seed=seed)
+    train_names, val_names = item_names(dataset)
+    decoded, reports = cached_dataset(dataset, cache, device=device, progress=progress)
+    if not isinstance(decoded.train, TensorSource):
         raise DataError("audit reads images through the decoded cache; --cache off is not available here")
-    (train, train_names), (val, val_names) = parts
-    x_train, y_train = train.gather(torch.arange(len(train)))
-    x_val, y_val = val.gather(torch.arange(len(val)))
+    unreadable = {s.path for s in decoded.skipped[len(dataset.skipped):]}
+    names = [n for n in train_names + val_names if n not in unreadable]
+    x_train, y_train = decoded.train.gather(torch.arange(len(decoded.train)))
+    x_val, y_val = decoded.val.gather(torch.arange(len(decoded.val)))
     images = torch.cat([x_train, x_val])
     labels = torch.cat([y_train, y_val])
     n = len(labels)
     if n == 0:
-        raise DataError(f"{data}: no readable images")
+        raise DataError(f"{name}: no readable images")
     counts = torch.bincount(labels, minlength=len(dataset.classes))
     if (counts > 0).sum() < 2:
-        raise DataError(f"{data}: the readable images are of {int((counts > 0).sum())} class; an audit needs 2 or more")
+        raise DataError(f"{name}: the readable images are of {int((counts > 0).sum())} class; an audit needs 2 or more")
     is_val = torch.zeros(n, dtype=torch.bool)
     is_val[len(y_train):] = True
     root = dataset.split.get("root")
-    return Pool(dataset.name, list(dataset.classes), train_names + val_names, TensorSource(images, labels), is_val,
-                dataset.preprocess, dataset.split, [str(s) for s in skipped], list(dataset.ignored), root), reports
+    return Pool(dataset.name, list(dataset.classes), names, TensorSource(images, labels), is_val, dataset.preprocess,
+                dataset.split, [str(s) for s in decoded.skipped], list(dataset.ignored), root), reports
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -198,8 +183,8 @@ def model_outputs(cfg: Config, params: dict, state: dict, source, preprocess: di
     with torch.no_grad():
         folded = fold_batchnorm(cfg, params, state)
     logits, embeddings, norms = [], [], []
-    for batch in data_lib.batches(source, preprocess, batch_size=batch_size, train=False, device=policy.device,
-                                  channels_last=policy.channels_last):
+    for batch in batches(source, preprocess, batch_size=batch_size, train=False, device=policy.device,
+                         channels_last=policy.channels_last):
         with torch.no_grad(), policy.autocast():
             h = pooled_features(cfg, folded, batch.x)  # (B, D)
             logits.append(F.linear(h, params["fc"]["weight"], params["fc"]["bias"]).float().cpu())
@@ -211,21 +196,6 @@ def model_outputs(cfg: Config, params: dict, state: dict, source, preprocess: di
     if norms:
         out["grad_norm"] = torch.cat(norms)
     return out
-
-
-def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
-    """(N,) the fold of each item: each class's items shuffled (seeded) and dealt round-robin into ``folds``."""
-    if folds < 2:
-        raise ValueError(f"--folds must be at least 2, got {folds}")
-    fold = torch.empty(len(labels), dtype=torch.long)
-    generator = torch.Generator().manual_seed(seed)
-    start = 0
-    for c in labels.unique().tolist():
-        idx = (labels == c).nonzero().flatten()
-        idx = idx[torch.randperm(len(idx), generator=generator)]
-        fold[idx] = (torch.arange(len(idx)) + start) % folds  # the class's remainder lands on different folds
-        start += len(idx)
-    return fold
 
 
 @dataclass
@@ -251,8 +221,8 @@ def out_of_sample(pool: Pool, cfg: Config, opts, *, folds: int = 3, grad: str = 
     embeddings, fold_top1 = None, []
     for f in range(folds):
         held, rest = (fold == f).nonzero().flatten(), (fold != f).nonzero().flatten()
-        dataset = Dataset(pool.name, pool.classes, pool.subset(rest), pool.subset(held), pool.preprocess,
-                          {"kind": "audit-fold", "fold": f, "folds": folds})
+        dataset = Dataset(pool.name, pool.classes, pool.source.subset(rest), pool.source.subset(held),
+                          pool.preprocess, {"kind": "audit-fold", "fold": f, "folds": folds})
         trainer = Trainer(cfg, opts, dataset, device)
         trainer.start_fresh()
         for event in trainer.run():
@@ -260,8 +230,8 @@ def out_of_sample(pool: Pool, cfg: Config, opts, *, folds: int = 3, grad: str = 
         # The last epoch's model: the held-out fold must not pick the epoch it is then judged by.
         policy = inference_policy(device)
         if f == 0:
-            embeddings = model_outputs(cfg, trainer.params, trainer.state, pool.subset(torch.arange(n)),
-                                       pool.preprocess, grad="off", policy=policy)["embeddings"]
+            embeddings = model_outputs(cfg, trainer.params, trainer.state, pool.source, pool.preprocess, grad="off",
+                                       policy=policy)["embeddings"]
         out = model_outputs(cfg, trainer.params, trainer.state, dataset.val, pool.preprocess, grad=grad, policy=policy)
         logits[held] = out["logits"]
         if grad != "off":
@@ -280,8 +250,7 @@ def from_weights(pool: Pool, weights, *, grad: str = "head", device: torch.devic
     params, state = to_device(weights.params, policy.device), to_device(weights.state, policy.device)
     # The data's geometry (its images are stored for it), the weights' normalisation.
     preprocess = {**pool.preprocess, **{k: weights.preprocess[k] for k in ("mean", "std") if k in weights.preprocess}}
-    out = model_outputs(weights.config, params, state, pool.subset(torch.arange(len(pool))), preprocess, grad=grad,
-                        policy=policy)
+    out = model_outputs(weights.config, params, state, pool.source, preprocess, grad=grad, policy=policy)
     return Outputs(out["logits"], out["embeddings"], out.get("grad_norm"), "weights", grad)
 
 
@@ -493,133 +462,3 @@ def fixed_split(pool: Pool, result: Audit) -> tuple[str, object]:
     split = {**pool.split, "val": sorted(os.path.relpath(pool.names[i], root) for i in is_val.nonzero().flatten().tolist()),
              "moved": int((is_val != pool.is_val).sum())}
     return "split.json", split
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The report
-
-
-def default_out_dir(data: str, root: Path = Path("audits")) -> Path:
-    """audits/<data>, with -2, -3, ... when taken."""
-    name = data if data in data_lib.DEFAULT_RESOLUTION else Path(data).expanduser().resolve().name
-    path, n = root / name, 1
-    while path.exists():
-        n += 1
-        path = root / f"{name}-{n}"
-    return path
-
-
-def check_outside(out: Path, root: str | Path | None) -> None:
-    """The report never goes into the data's folder ``root`` (None: the data has none)."""
-    if root is None:
-        return
-    out, root = Path(out).expanduser().resolve(), Path(root).expanduser().resolve()
-    if out == root or root in out.parents:
-        raise DataError(f"{out}: is inside the data folder {root}; audit never writes there: pick another --out")
-
-
-def _row(pool: Pool, issue: Issue) -> dict:
-    return {"file": pool.names[issue.index], "given_label": pool.classes[pool.labels[issue.index]],
-            "suggested_label": pool.classes[issue.suggested], "kind": issue.kind, "score": round(issue.score, 6),
-            "other": "" if issue.other is None else pool.names[issue.other]}
-
-
-def contact_sheet(pool: Pool, issues: list[Issue], title: str, *, top: int = 24, columns: int = 6,
-                  thumb: int = 96) -> bytes:
-    """A PNG of the first ``top`` issues: each tile the image (and the one it duplicates, beside it), given ->
-    suggested label and the score."""
-    from PIL import Image, ImageDraw
-
-    shown = issues[:top]
-    pair = any(i.other is not None for i in shown)
-    tile_w, text_h = thumb * (2 if pair else 1) + 8, 30
-    rows = max(1, math.ceil(len(shown) / columns))
-    sheet = Image.new("RGB", (columns * tile_w, 24 + rows * (thumb + text_h + 8)), "white")
-    draw = ImageDraw.Draw(sheet)
-    draw.text((6, 6), title, fill="black")
-
-    def thumbnail(i: int) -> Image.Image:
-        x = pool.pixels(i)
-        x = x.expand(3, -1, -1) if x.shape[0] == 1 else x
-        return Image.fromarray(x.permute(1, 2, 0).contiguous().numpy()).resize((thumb, thumb), Image.NEAREST)
-
-    for n, issue in enumerate(shown):
-        x0, y0 = (n % columns) * tile_w + 4, 24 + (n // columns) * (thumb + text_h + 8)
-        sheet.paste(thumbnail(issue.index), (x0, y0))
-        if issue.other is not None:
-            sheet.paste(thumbnail(issue.other), (x0 + thumb, y0))
-        given, suggested = pool.classes[pool.labels[issue.index]], pool.classes[issue.suggested]
-        draw.text((x0, y0 + thumb + 2), f"{given[:14]} -> {suggested[:14]}", fill="black")
-        draw.text((x0, y0 + thumb + 15), f"{issue.kind} {issue.score:.3f}", fill=(160, 0, 0))
-    buffer = io.BytesIO()
-    sheet.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def summary(pool: Pool, outputs: Outputs, result: Audit) -> dict:
-    """What report.json holds (less the settings the command adds)."""
-    counts = {kind: len({i.index for i in result.of_kind(kind)}) for kind in KINDS}
-    probs_from = ("k-fold out-of-sample predictions" if outputs.method == "k-fold" else
-                  "one trained model (--weights): biased wherever it was trained on these images; "
-                  "k-fold is the unbiased audit")
-    return {
-        "data": pool.name, "images": len(pool), "classes": pool.classes,
-        "train_images": int((~pool.is_val).sum()), "val_images": int(pool.is_val.sum()),
-        "probabilities": probs_from, "fold_top1": outputs.fold_top1,
-        "out_of_sample_top1": (result.signals["suggested"] == pool.labels).float().mean().item(),
-        "gradient_norm": {"head": "per-sample gradient of the cross-entropy with respect to the classifier's "
-                                  "weights and bias (vmap of grad)",
-                          "full": "per-sample gradient of the cross-entropy with respect to every parameter "
-                                  "(vmap of grad through model.apply of one image, eval-mode BatchNorm)",
-                          "off": None}[outputs.grad],
-        "duplicates_in": result.embed, "duplicate_threshold": result.threshold, "outlier_cut": result.outlier_cut,
-        "counts": counts, "exact_duplicate_pairs": len(result.exact), "similar_pairs": len(result.pairs),
-        "skipped": pool.skipped, "ignored": pool.ignored,
-    }
-
-
-def write_report(out: Path, pool: Pool, outputs: Outputs, result: Audit, *, settings: dict | None = None,
-                 fix_split: bool = False, top: int = 24) -> dict:
-    """Writes report.json, issues.csv, signals.csv, suspects-<kind>.png (and with ``fix_split``, split.json or
-    val-leaks.txt) into ``out``, which must not exist yet. Returns the report (with the files written)."""
-    out = Path(out)
-    check_outside(out, pool.root)
-    try:
-        out.mkdir(parents=True)
-    except FileExistsError:
-        raise FileExistsError(f"{out} already exists; pick another --out") from None
-    columns = ["file", "given_label", "suggested_label", "kind", "score", "other"]
-
-    def table(rows: list[dict], fields: list[str]) -> bytes:
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=fields, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        return text.getvalue().encode()
-
-    write_bytes(out / "issues.csv", table([_row(pool, i) for i in result.issues], columns))
-    s = result.signals
-    signal_names = [k for k in ("loss", "margin", "grad_norm", "quality", "outlier") if k in s]
-    write_bytes(out / "signals.csv", table([
-        {"file": pool.names[i], "given_label": pool.classes[pool.labels[i]],
-         "suggested_label": pool.classes[s["suggested"][i]], "split": "val" if pool.is_val[i] else "train",
-         **{k: f"{s[k][i].item():.6g}" for k in signal_names}} for i in range(len(pool))],
-        ["file", "given_label", "suggested_label", "split", *signal_names]))
-    written = ["report.json", "issues.csv", "signals.csv"]
-    for kind in KINDS:
-        found = result.of_kind(kind)
-        if found:
-            name = f"suspects-{kind}.png"
-            write_bytes(out / name, contact_sheet(pool, found, f"{pool.name}: {len(found)} {kind} issue(s), "
-                                                               f"most suspect first", top=top))
-            written.append(name)
-    if fix_split:
-        name, content = fixed_split(pool, result)
-        if name.endswith(".json"):
-            write_json(out / name, content)
-        else:
-            write_bytes(out / name, "".join(f"{line}\n" for line in content).encode())
-        written.append(name)
-    report = {**summary(pool, outputs, result), **(settings or {}), "files": written}
-    write_json(out / "report.json", report)
-    return report

@@ -36,9 +36,10 @@ from typing import Callable, Iterator
 import torch
 
 from . import files
-from .data import DataError, Dataset, FileSource, Skipped, TensorSource, cache_dir, scan_folder, skip_reason
+from .data import cache_dir, scan_folder
 from .options import CACHE_MODES
 from .preprocess import IMAGE_ERRORS, MAX_DECODED_PIXELS, Layout, fit, read_rgb
+from .sources import DataError, Dataset, FileSource, Skipped, TensorSource, skip_reason
 
 FORMAT = "mobilenet-fn decoded cache 1"
 RAM_SHARE = 0.25  # auto holds a cache in RAM when all of this machine's copies take at most this share of it
@@ -77,25 +78,25 @@ def decode_on_device(paths: list[str], layout: Layout, device: torch.device) -> 
     what this cannot read (not a JPEG, damaged, too large, or a decoder error), for PIL to try."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    data = {}
+    encoded = {}
     for k, path in enumerate(paths):
         if Path(path).suffix.lower() in files.JPEG_SUFFIXES:
             with contextlib.suppress(OSError):
-                data[k] = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+                encoded[k] = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
 
     def decode(batch: list[torch.Tensor]) -> list[torch.Tensor]:
         with warnings.catch_warnings():  # torchvision 0.29 announces their move to TorchCodec
             warnings.simplefilter("ignore", DeprecationWarning)
             return decode_jpeg(batch, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
 
-    keys = [k for k, d in data.items() if d.numel()]
+    keys = [k for k, d in encoded.items() if d.numel()]
     try:
-        images = decode([data[k] for k in keys]) if keys else []
+        images = decode([encoded[k] for k in keys]) if keys else []
     except RuntimeError:  # one bad file fails the batch: each on its own
         images = []
         for k in keys:
             try:
-                images += decode([data[k]])
+                images += decode([encoded[k]])
             except RuntimeError:
                 images.append(None)
     out: list[torch.Tensor | None] = [None] * len(paths)
@@ -153,7 +154,7 @@ def slot_for(root: Path, layout: Layout) -> Path:
 
 
 def _check_outside(root: Path, slot: Path) -> None:
-    if slot.resolve().is_relative_to(root.resolve()):
+    if files.is_inside(slot, root):
         raise DataError(f"the cache folder {cache_dir()} is inside the data folder {root}; set MOBILENET_FN_CACHE "
                         f"to a folder elsewhere (the data folder is never written to)")
 
@@ -335,14 +336,16 @@ def cached(source, preprocess: dict, mode: str = "auto", *, threads: int | None 
            device: torch.device | None = None, copies: int = 1,
            progress: Callable[[int, int], None] | None = None) -> tuple[object, Report | None, list[Skipped]]:
     """``source`` read through the cache of its folder: (a TensorSource of the readable files, the Report, the
-    source's unreadable files). ``off``, a source with no folder or one already in memory: (source, None, [])."""
+    source's unreadable files). ``off``, a source with no folder or one already in memory: (source, None, []).
+    ``device`` is where the images are going: a cache is built by decoding its JPEGs there when it is a GPU."""
     if mode not in CACHE_MODES:
         raise ValueError(f"--cache must be one of {', '.join(CACHE_MODES)}, got {mode!r}")
     if mode == "off" or not isinstance(source, FileSource) or source.root is None:
         return source, None, []
     root = Path(source.root)
     threads = threads or len(os.sched_getaffinity(0))
-    opened = open_folder(root, Layout.of(preprocess), mode, threads=threads, device=device, copies=copies,
+    decoder = device if device is not None and torch.device(device).type == "cuda" else None
+    opened = open_folder(root, Layout.of(preprocess), mode, threads=threads, device=decoder, copies=copies,
                          progress=progress)
     rows, labels, skipped = [], [], []
     for path, label in source.samples:

@@ -1,4 +1,5 @@
-"""Plumbing every module that touches the disk shares: atomic writes, and which files are images.
+"""Plumbing every module that touches the disk shares: atomic writes, new output folders, and which files are
+images.
 
 Imports nothing heavy (no torch), so that ``resize`` and the command line start at once.
 """
@@ -33,6 +34,31 @@ def find_files(root: Path) -> tuple[list[str], list[str]]:
             rel = os.path.relpath(os.path.join(folder, name), root)
             (images if is_image_name(name) else others).append(rel)
     return sorted(images), sorted(others)
+
+
+def is_inside(path: str | Path, folder: str | Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it, once links and ``..`` are resolved."""
+    return Path(path).resolve().is_relative_to(Path(folder).resolve())
+
+
+def free_name(path: Path) -> Path:
+    """``path``, or the first of ``path``-2, ``path``-3, ... that does not exist."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
+def new_folder(path: str | Path, taken: str) -> Path:
+    """Creates the folder ``path`` and its parents; ``path`` itself must not exist (a FileExistsError saying
+    ``taken``, even when it appeared a moment ago)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True)
+    except FileExistsError:
+        raise FileExistsError(taken) from None
+    return path
 
 
 def atomic_write(path: str | Path, write: Callable[[str], object], *, overwrite: bool = True, suffix: str = ".tmp",

@@ -159,7 +159,7 @@ BATCHNORM_OF = {"conv": "bn", "dw": "dw_bn", "pw": "pw_bn"}
 def fold_batchnorm(cfg: Config, params: dict, state: dict) -> dict:
     """The eval-mode model with every BatchNorm folded into the convolution before it: the same tree without the
     BatchNorm entries, each convolution a {"weight", "bias"}. ``apply(cfg, folded, None, x, train=False)`` and
-    ``features`` run it; on the CPU it was 1.4x as fast as BatchNorm in eval (bench/throughput.py)."""
+    ``features`` run it, faster than BatchNorm in eval (``bench/throughput.py`` measures both)."""
 
     def fold(p: dict, s: dict) -> dict:
         folded = {name: layer for name, layer in p.items() if name not in BATCHNORM_OF.values()}

@@ -67,27 +67,23 @@ def is_onnx(path: str | Path) -> bool:
     return Path(path).suffix.lower() == ".onnx"
 
 
-def session_for(path: str | Path, threads: int = 0, spin: bool = True):
-    """An onnxruntime CPU session (``threads`` 0: onnxruntime's default, one per physical core). ``spin=False``
-    lets its idle threads sleep at once instead of spinning: for benchmarks where torch runs in turn with it."""
+def session_for(path: str | Path):
+    """An onnxruntime CPU session with onnxruntime's default options (one thread per physical core)."""
     ort = require("onnxruntime", "running ONNX models", "export")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    if not spin:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def load_onnx(path: str | Path, threads: int = 0, spin: bool = True) -> OnnxModel:
+def load_onnx(path: str | Path) -> OnnxModel:
     """Opens an ONNX file written by ``export`` or ``quantize`` and checks its description; anything else is a
-    one-line OnnxModelError."""
+    one-line OnnxModelError. To run it with other onnxruntime options (a thread count, for one), replace its
+    session: ``dataclasses.replace(model, session=onnxruntime.InferenceSession(path, options))``."""
     path = Path(path)
     if not path.exists():
         raise OnnxModelError(f"{path}: no such file")
     if path.is_dir():
         raise OnnxModelError(f"{path}: is a folder, not an ONNX file")
     try:
-        session = session_for(path, threads, spin)
+        session = session_for(path)
     except ImportError:
         raise
     except Exception:  # onnxruntime's message for a bad file is long and varies; the user gets one line

@@ -34,22 +34,18 @@ from pathlib import Path
 
 import torch
 
-from . import data as data_lib
+from .batches import batches
+from .data import load, relabel
 from .export import export_onnx
 from .extras import require
 from .files import atomic_write
 from .onnx_model import OnnxModel, description, load_onnx, write_description
+from .quantize_options import (
+    CALIBRATION_IMAGES, CALIBRATION_METHODS, CHECK_IMAGES, DEFAULT_METHOD, MAX_DROP, MIN_AGREEMENT, NEAR_TIE,
+)
+from .sources import DataError, Source
 from .weights import Weights
 
-# onnxruntime.quantization.CalibrationMethod's members by the names the command takes.
-# ("distribution" is left out: it calibrates for float8, and gave 10 % top-1 on the sample.)
-CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
-DEFAULT_METHOD = "minmax"
-CALIBRATION_IMAGES = 300
-CHECK_IMAGES = 2000
-MIN_AGREEMENT = 0.98  # of the int8 model's top-1 with the float model's outside near-ties, on held-out images
-MAX_DROP = 0.01  # of top-1 accuracy, float to int8
-NEAR_TIE = 0.05  # float probability gap below which the int8 model's other choice is not counted as disagreeing
 MAX_WEIGHT = 64  # |int8 weight| with reduce_range: 2 · 255 · 64 ≤ 32767, no u8s8 pair sum can saturate
 MAX_DEPTHWISE_WEIGHT = 127  # |int8 weight| of a depthwise filter: MLAS multiplies those one product at a time
 BATCH = 64
@@ -101,44 +97,42 @@ def comparison(float_logits: torch.Tensor, int8_logits: torch.Tensor, labels: to
                       same.sum().item() / n, (same | (gap[:, 0] < near_tie)).sum().item() / n, near_tie)
 
 
-def quantization_sources(data: str, classes: list[str]) -> tuple[data_lib.Source, data_lib.Source]:
-    """The images to calibrate on (the training part of ``data``) and the held-out ones to check on (its
-    validation part), labelled in the order of ``classes``; a DataError when ``data``'s classes differ."""
-    ds = data_lib.load(data)
-    return (data_lib.relabel(ds.train, ds.classes, classes, data),
-            data_lib.relabel(ds.val, ds.classes, classes, data))
+def quantization_sources(name: str, classes: list[str]) -> tuple[Source, Source]:
+    """The images to calibrate on (the training part of the data set ``name``) and the held-out ones to check on
+    (its validation part), labelled in the order of ``classes``; a DataError when its classes differ."""
+    dataset = load(name)
+    return (relabel(dataset.train, dataset.classes, classes, name),
+            relabel(dataset.val, dataset.classes, classes, name))
 
 
-def subset(source: data_lib.Source, n: int, seed: int = 0) -> data_lib.Source:
-    """``n`` items of ``source`` drawn at random (seeded), or all of them if it holds no more."""
+def random_subset(source: Source, n: int, seed: int = 0) -> Source:
+    """``n`` items of ``source`` drawn at random (seeded), in source order, or all of them if it holds no more."""
     if len(source) <= n:
         return source
-    pick = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    if isinstance(source, data_lib.TensorSource):
-        return data_lib.TensorSource(source.images[pick], source.labels[pick])
-    return data_lib.FileSource([source.samples[i] for i in pick.tolist()])
+    pick = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:n]
+    return source.subset(pick.sort().values)
 
 
-def model_batches(source: data_lib.Source, preprocess: dict, batch_size: int = BATCH):
+def model_batches(source: Source, preprocess: dict, batch_size: int = BATCH):
     """The readable images of ``source`` as (x, y): normalised contiguous float (N, C, R, R) and labels."""
-    for batch in data_lib.batches(source, preprocess, batch_size=batch_size, train=False):
+    for batch in batches(source, preprocess, batch_size=batch_size, train=False):
         yield batch.x, batch.y
 
 
-def calibration_inputs(source: data_lib.Source, preprocess: dict) -> list:
+def calibration_inputs(source: Source, preprocess: dict) -> list:
     """The calibration batches as the numpy arrays onnxruntime's calibrator reads, all of one size (its histogram
     methods stack them): batches of ``CALIBRATION_BATCH``, a last partial one dropped unless it is the only one.
     A DataError if no image is readable."""
     images = [x for x, _ in model_batches(source, preprocess)]
     if not images:
-        raise data_lib.DataError(f"no readable images among the {len(source)} drawn for calibration")
+        raise DataError(f"no readable images among the {len(source)} drawn for calibration")
     chunks = torch.cat(images).split(CALIBRATION_BATCH)
     if len(chunks) > 1 and len(chunks[-1]) < CALIBRATION_BATCH:
         chunks = chunks[:-1]
     return [c.numpy() for c in chunks]
 
 
-def compare(float_model: OnnxModel, int8_model: OnnxModel, source: data_lib.Source,
+def compare(float_model: OnnxModel, int8_model: OnnxModel, source: Source,
             near_tie: float = NEAR_TIE) -> Comparison:
     """Top-1 of both models and how often they agree, on the readable images of ``source``."""
     float_logits, int8_logits, labels = [], [], []
@@ -147,7 +141,7 @@ def compare(float_model: OnnxModel, int8_model: OnnxModel, source: data_lib.Sour
         int8_logits.append(int8_model(x))
         labels.append(y)
     if not labels:
-        raise data_lib.DataError(f"no readable images among the {len(source)} held out for the check")
+        raise DataError(f"no readable images among the {len(source)} held out for the check")
     return comparison(torch.cat(float_logits), torch.cat(int8_logits), torch.cat(labels), near_tie)
 
 
@@ -164,7 +158,7 @@ def depthwise_weights(model) -> list[str]:
     return names
 
 
-def quantize_onnx(weights: Weights, path: str | Path, calibration: data_lib.Source, held_out: data_lib.Source, *,
+def quantize_onnx(weights: Weights, path: str | Path, calibration: Source, held_out: Source, *,
                   method: str = DEFAULT_METHOD, calibration_images: int = CALIBRATION_IMAGES,
                   check_images: int = CHECK_IMAGES, min_agreement: float = MIN_AGREEMENT,
                   max_drop: float = MAX_DROP, near_tie: float = NEAR_TIE, seed: int = 0) -> Comparison:
@@ -177,8 +171,8 @@ def quantize_onnx(weights: Weights, path: str | Path, calibration: data_lib.Sour
     quantization = require("onnxruntime.quantization", "quantizing to int8", "export")
     shape_inference = require("onnxruntime.quantization.shape_inference", "quantizing to int8", "export")
     onnx = require("onnx", "quantizing to int8", "export")
-    inputs = calibration_inputs(subset(calibration, calibration_images, seed), weights.preprocess)
-    held_out = subset(held_out, check_images, seed)
+    inputs = calibration_inputs(random_subset(calibration, calibration_images, seed), weights.preprocess)
+    held_out = random_subset(held_out, check_images, seed)
     result = None
 
     class Reader(quantization.CalibrationDataReader):

@@ -34,7 +34,7 @@ from typing import Iterable, Iterator
 
 from PIL import Image, UnidentifiedImageError
 
-from .files import IMAGE_SUFFIXES, JPEG_SUFFIXES, find_files, write_bytes
+from .files import IMAGE_SUFFIXES, JPEG_SUFFIXES, find_files, is_inside, write_bytes
 
 MODES = ("crop", "pad", "stretch")
 FORMATS = ("jpeg", "png", "keep")
@@ -278,11 +278,9 @@ def find_images(src: Path) -> tuple[list[str], list[str]]:
 
 
 def check_out(src: Path, out: Path, in_place: bool) -> None:
-    src_r, out_r = src.resolve(), out.resolve()
-    inside = out_r == src_r or src_r in out_r.parents
-    if in_place and out_r != src_r:
+    if in_place and out.resolve() != src.resolve():
         raise ValueError("--in-place writes over the originals in SRC itself; leave out --out")
-    if inside and not in_place:
+    if is_inside(out, src) and not in_place:
         raise ValueError(f"--out {out} is the source folder or inside it, which would mix outputs with your "
                          "originals; pick another --out, or pass --in-place to replace the originals")
     if out.exists() and not out.is_dir():

@@ -21,20 +21,15 @@ from pathlib import Path
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DEFAULT_RESOLUTION
-from .files import write_json
+from .files import free_name, new_folder, write_json
 from .model import Config
 from .weights import Weights, save_weights
 
 
-def default_run_dir(data: str, cfg: Config, root: Path = Path("runs")) -> Path:
-    """runs/<data>-a<alpha>-r<resolution>, with -2, -3, ... when taken."""
-    name = data if data in DEFAULT_RESOLUTION else Path(data).name  # a named data set, or a folder
-    base = root / f"{name}-a{cfg.alpha:g}-r{cfg.resolution}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path
+def default_run_dir(name_or_folder: str, cfg: Config, root: Path = Path("runs")) -> Path:
+    """runs/<data>-a<alpha>-r<resolution> for ``--data name_or_folder``, with -2, -3, ... when taken."""
+    name = name_or_folder if name_or_folder in DEFAULT_RESOLUTION else Path(name_or_folder).name
+    return free_name(root / f"{name}-a{cfg.alpha:g}-r{cfg.resolution}")
 
 
 def taken(path: Path) -> str:
@@ -52,11 +47,7 @@ class RunDir:
     @classmethod
     def create(cls, path: Path, *, config: dict, split: dict) -> "RunDir":
         """Makes the folder (which must not exist) and writes config.json and split.json."""
-        path = Path(path)
-        try:
-            path.mkdir(parents=True)  # fails if it exists, even if it appeared a moment ago
-        except FileExistsError:
-            raise FileExistsError(taken(path)) from None
+        path = new_folder(path, taken(path))
         write_json(path / "config.json", config)
         write_json(path / "split.json", split)
         return cls(path, [])

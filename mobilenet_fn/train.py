@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from . import data as data_lib
+from . import batches as batch_lib
 from . import distributed
 from .augment import Augment
 from .checkpoint import EpochProgress, build as build_checkpoint
@@ -25,6 +25,7 @@ from .evaluate import evaluate
 from .model import Config
 from .optim import make_optimizer, make_schedule
 from .options import TrainOptions
+from .sources import Dataset
 from .step import averaged, build_step, device_policy, inference_policy, initial_state, to_device
 from .weights import Weights
 
@@ -79,7 +80,7 @@ class Trainer:
 
     cfg: Config
     opts: TrainOptions
-    dataset: data_lib.Dataset
+    dataset: Dataset
     device: torch.device
     dist: distributed.Context = field(default_factory=distributed.Context)
     params: dict = field(default=None)
@@ -217,7 +218,7 @@ class Trainer:
         ``self.progress``. Returns the seconds spent waiting for batches."""
         opts, policy = self.opts, self.policy
         first_seen, last_report = self.seen, t0
-        batches = data_lib.batches(
+        batches = batch_lib.batches(
             self.dataset.train, self.dataset.preprocess, batch_size=opts.batch_size, train=True,
             augment=augmentation(opts), num_classes=len(self.dataset.classes), device=self.device,
             seed=opts.seed, epoch=self.epoch,

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from mobilenet_fn import Config, distributed
-from mobilenet_fn.data import Dataset, TensorSource
+from mobilenet_fn.sources import Dataset, TensorSource
 from mobilenet_fn.preprocess import preprocess_for
 from mobilenet_fn.options import TrainOptions
 from mobilenet_fn.train import Trainer

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 from mobilenet_fn import audit as audit_lib
 from mobilenet_fn import data as data_lib
 from mobilenet_fn.cli.main import app
+from mobilenet_fn.curation import exclude, item_names
 from mobilenet_fn.model import Config, apply, init
 from conftest import brightest_channel_weights
 from mobilenet_fn.weights import save_weights
@@ -199,7 +201,7 @@ def test_exclude_counts_and_refuses_a_list_of_strangers(tmp_path):
     dataset = data_lib.load(str(root), resolution=32)
     names = [p for p, _ in dataset.train.samples][:4] + [p for p, _ in dataset.val.samples][:1]
     (tmp_path / "list.txt").write_text("# dropped by hand\n" + "\n".join(names) + "\n/elsewhere/x.png\n")
-    kept, dropped = data_lib.exclude(dataset, tmp_path / "list.txt")
+    kept, dropped = exclude(dataset, tmp_path / "list.txt")
     assert dropped == {"train": 4, "val": 1, "unknown": 1}
     assert len(kept.train) == len(dataset.train) - 4 and len(kept.val) == len(dataset.val) - 1
     assert not set(names) & {p for p, _ in kept.train.samples + kept.val.samples}
@@ -211,10 +213,10 @@ def test_exclude_counts_and_refuses_a_list_of_strangers(tmp_path):
 
 
 def test_fashion_mnist_names_exclude_by_index():
-    if not data_lib._fashion_mnist_files(data_lib.Path(data_lib.FASHION_MNIST_DIRS[0])):
+    if not data_lib._fashion_mnist_files(Path(data_lib.FASHION_MNIST_DIRS[0])):
         pytest.skip("Fashion-MNIST is not installed")
     dataset = data_lib.load("fashion-mnist")
-    train_names, val_names = data_lib.item_names(dataset)
+    train_names, val_names = item_names(dataset)
     assert len(train_names) == 55_000 and len(val_names) == 5_000
     i = int(train_names[7].rsplit("/", 1)[1])
     full = data_lib.fashion_mnist_arrays()[0]["train_images"]

@@ -205,24 +205,25 @@ def test_augment_batch_is_seeded_keeps_shapes_and_normalises():
 
 
 def test_batches_made_ahead_in_a_thread_are_the_batches_made_in_line(monkeypatch):
-    from mobilenet_fn import data as D
+    from mobilenet_fn import batches as B
+    from mobilenet_fn.sources import TensorSource
 
     images = (torch.rand(40, 1, 20, 20, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
-    source = D.TensorSource(images, torch.arange(40) % 4)
+    source = TensorSource(images, torch.arange(40) % 4)
     pre = {"resolution": 16, "resize": 16, "crop_pct": 1.0, "mean": [0.5] * 3, "std": [0.25] * 3,
            "interpolation": "bilinear"}
     spec = A.Augment(auto_augment="trivial", reprob=0.5, mixup=0.2, cutmix=1.0)
 
     def epoch(start=0):
-        return [(b.x, b.y) for b in D.batches(source, pre, batch_size=8, train=True, augment=spec, num_classes=4,
+        return [(b.x, b.y) for b in B.batches(source, pre, batch_size=8, train=True, augment=spec, num_classes=4,
                                                seed=3, epoch=1, start=start)]
 
     ahead = epoch()
     threads = []
-    real = D.made_ahead
-    monkeypatch.setattr(D, "made_ahead", lambda made: threads.append(1) or real(made))
+    real = B.made_ahead
+    monkeypatch.setattr(B, "made_ahead", lambda made: threads.append(1) or real(made))
     assert len(epoch(start=2)) == 3 and threads == [1]  # the path under test made them ahead
-    monkeypatch.setattr(D, "made_ahead", lambda made: made)
+    monkeypatch.setattr(B, "made_ahead", lambda made: made)
     in_line = epoch()
     assert len(ahead) == len(in_line) == 5
     for (xa, ya), (xb, yb) in zip(ahead, in_line):
@@ -230,7 +231,7 @@ def test_batches_made_ahead_in_a_thread_are_the_batches_made_in_line(monkeypatch
 
 
 def test_made_ahead_keeps_the_order_passes_errors_on_and_stops_when_the_caller_does():
-    from mobilenet_fn.data import made_ahead
+    from mobilenet_fn.batches import made_ahead
 
     assert list(made_ahead(iter(range(5)))) == [0, 1, 2, 3, 4]
     produced = []
@@ -257,7 +258,7 @@ def test_batches_made_ahead_use_a_quarter_of_the_cores_and_leave_the_other_threa
     import sys
     import threading
 
-    from mobilenet_fn.data import made_ahead
+    from mobilenet_fn.batches import made_ahead
 
     before = torch.get_num_threads()
     try:

@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 
 from mobilenet_fn import cache
 from mobilenet_fn.cli.main import app
-from mobilenet_fn.data import DataError, FileSource, batches, cache_dir, scan_folder
+from mobilenet_fn.batches import batches
+from mobilenet_fn.data import cache_dir, scan_folder
+from mobilenet_fn.sources import DataError, FileSource
 from mobilenet_fn.preprocess import preprocess_for
 
 PRE = preprocess_for(24, crop_pct=0.875, stats={"mean": [0.5] * 3, "std": [0.25] * 3})  # resize 27, crop 24
@@ -76,7 +78,7 @@ def test_training_without_the_cache_crops_from_the_square_the_cache_stores(tmp_p
     cache stores, with the item's own seed; a crop of the whole file would differ for every image that is not
     square."""
     from mobilenet_fn.augment import Augment, random_resized_crop_one
-    from mobilenet_fn.data import item_seed
+    from mobilenet_fn.batches import item_seed
     from mobilenet_fn.preprocess import Layout, fit, model_input, read_rgb
 
     root = _folder(tmp_path / "photos", broken=False)
@@ -87,7 +89,7 @@ def test_training_without_the_cache_crops_from_the_square_the_cache_stores(tmp_p
             expected = random_resized_crop_one(square, 24, torch.Generator().manual_seed(item_seed(0, epoch, 0)),
                                                scale=(0.5, 1.0))
             (batch,) = batches(FileSource([(path, label)], str(root)), PRE, batch_size=1, train=True,
-                               augment=Augment(crop_scale=0.5), drop_last=False, epoch=epoch)
+                               augment=Augment(crop_scale=0.5), epoch=epoch)
             assert torch.equal(batch.x, model_input(expected[None], PRE)), (path, epoch)
 
 
@@ -222,7 +224,8 @@ OPEN_IN_A_PROCESS = """
 import sys
 from pathlib import Path
 from mobilenet_fn import cache
-from mobilenet_fn.data import FileSource, scan_folder
+from mobilenet_fn.data import scan_folder
+from mobilenet_fn.sources import FileSource
 from mobilenet_fn.preprocess import preprocess_for
 _, samples = scan_folder(Path(sys.argv[1]))
 pre = preprocess_for(24, crop_pct=0.875, stats={"mean": [0.5] * 3, "std": [0.25] * 3})

@@ -43,7 +43,8 @@ def valid_weights() -> dict:
     import torch
 
     from mobilenet_fn import Config, Weights, init, save_weights
-    from mobilenet_fn.data import IMAGENET_STATS, preprocess_for
+    from mobilenet_fn.data import IMAGENET_STATS
+    from mobilenet_fn.preprocess import preprocess_for
 
     cfg = Config(alpha=0.25, resolution=32, num_classes=3)
     params, state = init(cfg, torch.Generator().manual_seed(0))

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from mobilenet_fn import Config, apply, save_weights
 from mobilenet_fn.cli.main import app
-from mobilenet_fn.data import preprocess_for
+from mobilenet_fn.preprocess import preprocess_for
 from test_weights import make_weights, one_line_error
 
 runner = CliRunner()
@@ -99,12 +99,13 @@ def test_nothing_readable_and_missing_paths_are_one_line(tmp_path, weights):
 
 
 def test_eval_and_predict_preprocess_the_same_file_to_the_same_tensor(tmp_path):
-    """One eval preprocessing: validation and `eval` (data.batches on files) and `predict` (eval_image) give the
+    """One eval preprocessing: validation and `eval` (batches.batches on files) and `predict` (eval_image) give the
     same tensor for the same JPEG, and it is the resize and centre crop a reference computes independently."""
     import numpy as np
     from PIL import Image
 
-    from mobilenet_fn.data import FileSource, batches
+    from mobilenet_fn.batches import batches
+    from mobilenet_fn.sources import FileSource
     from mobilenet_fn.preprocess import eval_image, model_input
 
     g = torch.Generator().manual_seed(0)

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from mobilenet_fn import Config, apply, init, save_weights
 from mobilenet_fn.cli.main import app
-from mobilenet_fn.data import load, preprocess_for
+from mobilenet_fn.data import load
+from mobilenet_fn.preprocess import preprocess_for
 from test_weights import make_weights, one_line_error
 
 ort = pytest.importorskip("onnxruntime")
@@ -163,7 +164,7 @@ def quantized_operands(path):
 
 
 def test_int8_file_tracks_apply_and_cannot_saturate_without_vnni(tmp_path, trained):
-    from mobilenet_fn.data import batches
+    from mobilenet_fn.batches import batches
     from mobilenet_fn.onnx_model import load_onnx
     from mobilenet_fn.quantize import MAX_DEPTHWISE_WEIGHT, MAX_WEIGHT
 
@@ -254,7 +255,8 @@ def test_one_weight_range_per_tensor_is_refused(tmp_path, colours):
 
     from mobilenet_fn.export import export_onnx
     from mobilenet_fn.onnx_model import description, load_onnx, write_description
-    from mobilenet_fn.quantize import MIN_AGREEMENT, calibration_inputs, compare, quantization_sources
+    from mobilenet_fn.quantize import calibration_inputs, compare, quantization_sources
+    from mobilenet_fn.quantize_options import MIN_AGREEMENT
 
     data, w = colours
     export_onnx(w, tmp_path / "float.onnx", fold_bn=True)

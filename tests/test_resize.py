@@ -463,7 +463,8 @@ def test_bad_usage_is_one_line_exit_2_and_writes_nothing(raw, args):
 
 
 def test_a_folder_resize_wrote_trains_on_every_image_it_holds(tmp_path):
-    from mobilenet_fn import data as data_lib
+    from mobilenet_fn.batches import batches
+    from mobilenet_fn.data import load
 
     names = ("a.jpg", "b.jpeg", "c.jpe", "d.jfif", "e.png", "f.ppm", "g.pgm", "h.webp", "i.bmp", "j.tiff")
     for cls, colour in (("red", RED), ("blue", BLUE)):
@@ -474,9 +475,9 @@ def test_a_folder_resize_wrote_trains_on_every_image_it_holds(tmp_path):
     report = resize_tree(tmp_path / "raw", tmp_path / "out", size=32, resize_to=32)
     assert report["written"] == 2 * len(names) and report["failed"] == 0 and report["not_images"] == 2
     for folder in ("raw", "out"):
-        ds = data_lib.load(str(tmp_path / folder), resolution=32, val_split=0.2)
+        ds = load(str(tmp_path / folder), resolution=32, val_split=0.2)
         assert len(ds.train) + len(ds.val) == 2 * len(names), folder
         assert sorted(Path(p).name for p in ds.ignored) == (["notes.txt"] * 2 if folder == "raw" else [])
-        for source, train in ((ds.train, True), (ds.val, False)):  # every file decodes into a batch
-            got = list(data_lib.batches(source, ds.preprocess, batch_size=64, train=train, drop_last=False))
+        for source, train in ((ds.train, True), (ds.val, False)):  # every file decodes into the one batch
+            got = list(batches(source, ds.preprocess, batch_size=len(source), train=train))
             assert sum(len(b.y) for b in got) == len(source) and not any(b.skipped for b in got)

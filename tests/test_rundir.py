@@ -7,10 +7,10 @@ import torch
 
 from conftest import assert_trees_close
 from mobilenet_fn import Config
-from mobilenet_fn.data import Dataset, TensorSource
 from mobilenet_fn.preprocess import preprocess_for
 from mobilenet_fn.rundir import RunDir
 from mobilenet_fn.options import TrainOptions
+from mobilenet_fn.sources import Dataset, TensorSource
 from mobilenet_fn.train import CheckpointEvent, EpochEvent, Trainer
 
 

@@ -191,7 +191,7 @@ def test_schedules():
 
 
 def test_evaluation_runs_batchnorm_in_eval_mode():
-    from mobilenet_fn.data import TensorSource
+    from mobilenet_fn.sources import TensorSource
     from mobilenet_fn.preprocess import normalize, preprocess_for
     from mobilenet_fn.evaluate import evaluate
 

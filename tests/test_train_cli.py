@@ -9,7 +9,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import assert_trees_close, stop, training_process
-from mobilenet_fn import data as data_lib
+from mobilenet_fn import batches as batch_lib
 from mobilenet_fn.cli.main import app
 from mobilenet_fn.checkpoint import load_checkpoint
 from mobilenet_fn.weights import load_weights
@@ -39,7 +39,7 @@ def train(*args):
 
 def _interrupt_after(monkeypatch, epoch: int, batches: int):
     """Ctrl-C once ``batches`` batches of ``epoch`` (0-based) have been trained on."""
-    real = data_lib.batches
+    real = batch_lib.batches
 
     def interrupted(*args, **kwargs):
         for i, batch in enumerate(real(*args, **kwargs)):
@@ -47,7 +47,7 @@ def _interrupt_after(monkeypatch, epoch: int, batches: int):
                 raise KeyboardInterrupt
             yield batch
 
-    monkeypatch.setattr(data_lib, "batches", interrupted)
+    monkeypatch.setattr(batch_lib, "batches", interrupted)
 
 
 # Every training ingredient at once: on the device for in-memory and cached data, in the workers with --cache off.

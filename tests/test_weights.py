@@ -13,7 +13,8 @@ from mobilenet_fn import Config, Weights, init, load_weights, save_weights
 from mobilenet_fn.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from mobilenet_fn.checkpoint import load_checkpoint, save_checkpoint, weights_from_checkpoint
 from mobilenet_fn.cli.main import app
-from mobilenet_fn.data import IMAGENET_STATS, preprocess_for
+from mobilenet_fn.data import IMAGENET_STATS
+from mobilenet_fn.preprocess import preprocess_for
 from mobilenet_fn.weights import FORMAT, WeightsError, pickle_globals
 
 runner = CliRunner()
