@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # These resolve from this machine's local disk; pyproject.toml keeps ranges for other environments.
 PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv train test test-avx2 bench clean
+.PHONY: venv train test test-avx2 docs-check bench clean
 
 # Modules are compiled to bytecode as they are first imported, not all of them at install (pip --no-compile: the
 # tests import a small part of torch). Where PYTHONDONTWRITEBYTECODE is set, nothing would be kept and every
@@ -34,6 +34,11 @@ AVX2_KERNELS := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INST
 # (the bf16 step it compiled then gave NaN): the capped run has a cache of its own.
 test-avx2: venv
 	$(AVX2_KERNELS) TORCHINDUCTOR_CACHE_DIR=$(abspath $(VENV))/inductor-avx2 $(BIN)/pytest -q -m kernels
+
+# The command blocks of README.md and docs/*.md marked to run (the README's make train and make test among them),
+# and the links between the pages: docs/tests.md says how blocks are marked.
+docs-check: venv
+	$(PYTHON) tools/docs_check.py
 
 bench: venv
 	$(BIN)/python bench/throughput.py
