@@ -38,7 +38,7 @@ test-avx2: venv
 # The command blocks of README.md and docs/*.md marked to run (the README's make train and make test among them),
 # and the links between the pages: docs/tests.md says how blocks are marked.
 docs-check: venv
-	$(PYTHON) tools/docs_check.py
+	$(PYTHON) tools/docs_check.py $(DOCS_CHECK_ARGS)
 
 bench: venv
 	$(BIN)/python bench/throughput.py

@@ -63,10 +63,12 @@ def train(
                                                               "largest power of two that fits the GPU.")
                           ] = str(DEFAULTS.batch_size),
     lr: Annotated[float, Opt(help="Peak learning rate.")] = DEFAULTS.lr,
-    optimizer: Annotated[str, Opt(help="sgd (Nesterov momentum), rmsprop (the paper's) or adamw.")] = DEFAULTS.optimizer,
+    optimizer: Annotated[str, Opt(help="sgd (Nesterov momentum), rmsprop (the paper's) or adamw.")
+    ] = DEFAULTS.optimizer,
     schedule: Annotated[str, Opt(help="cosine (with warmup), step or constant.")] = DEFAULTS.schedule,
     warmup_epochs: Annotated[float, Opt(help="Linear warmup length in epochs.")] = DEFAULTS.warmup_epochs,
-    weight_decay: Annotated[float, Opt(help="On conv, pointwise and classifier weights only (paper §4).")] = DEFAULTS.weight_decay,
+    weight_decay: Annotated[float, Opt(help="On conv, pointwise and classifier weights only (paper §4).")
+    ] = DEFAULTS.weight_decay,
     label_smoothing: Annotated[float, Opt(help="Label smoothing of the cross-entropy.")] = DEFAULTS.label_smoothing,
     augment: Annotated[str, Opt(help="crop-flip (random resized crop + flip) or none.")] = DEFAULTS.augment,
     crop_scale: Annotated[float, Opt(help="The least share of the image's area a random crop holds (timm's "
@@ -74,13 +76,15 @@ def train(
                           ] = DEFAULTS.crop_scale,
     auto_augment: Annotated[str, Opt(help="Automatic augmentation per image: trivial (TrivialAugment-Wide) or "
                                           "none.")] = DEFAULTS.auto_augment,
-    reprob: Annotated[float, Opt(help="Random erasing: the probability that an image gets a box of noise.")] = DEFAULTS.reprob,
+    reprob: Annotated[float, Opt(help="Random erasing: the probability that an image gets a box of noise.")
+    ] = DEFAULTS.reprob,
     mixup: Annotated[float, Opt(help="Mixup's Beta alpha, e.g. 0.2 (0: off).")] = DEFAULTS.mixup,
     cutmix: Annotated[float, Opt(help="Cutmix's Beta alpha, e.g. 1.0 (0: off); with --mixup, each image gets "
                                       "one or the other.")] = DEFAULTS.cutmix,
     ema: Annotated[float, Opt(help="Decay of a weight EMA, e.g. 0.9998 (0: off); validation, best.ckpt and "
                                    "weights.pkl then use the average.")] = DEFAULTS.ema,
-    ema_warmup: Annotated[bool, Opt(help="Ramp the EMA decay up early in training, as timm's ModelEmaV3.")] = DEFAULTS.ema_warmup,
+    ema_warmup: Annotated[bool, Opt(help="Ramp the EMA decay up early in training, as timm's ModelEmaV3.")
+    ] = DEFAULTS.ema_warmup,
     clip_grad: Annotated[float, Opt(help="Clip the gradients to this global L2 norm (0: off).")] = DEFAULTS.clip_grad,
     compile: Annotated[str, Opt(help="torch.compile the step: auto (CUDA, as CUDA graphs for steps of up to "
                                                  "256 images of 128 px; CPU for runs long enough to repay "

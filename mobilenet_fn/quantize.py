@@ -20,7 +20,7 @@ vpmaddwd; its AVX-512 kernel leaves a zero byte beside each, so a vpmaddubsw pai
 32640; the VNNI kernels accumulate in 32 bits; the generic kernel that takes channel counts not a multiple of 16
 widens to 16 bits), so they cannot saturate. Depthwise filters are also where 7 bits cost most top-1; unsigned
 8-bit weights everywhere (MLAS's U8U8 kernels, exact on every CPU) kept the accuracy but lost most of the speed.
-Both are measured in the README's int8 section.
+Both are measured by bench/quantize.py (docs/deployment.md, int8).
 """
 
 from __future__ import annotations

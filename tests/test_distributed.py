@@ -114,7 +114,7 @@ def test_a_killed_rank_stops_the_whole_job_within_seconds(tmp_path):
         os.kill(workers[1], signal.SIGKILL)
         killed = time.time()
         _, stderr = proc.communicate(timeout=30)
-        assert time.time() - killed < 15  # "within seconds", as the README says
+        assert time.time() - killed < 15  # "within seconds", as docs/training.md says
     assert proc.returncode != 0
     assert "stopped" in stderr and "--resume" in stderr
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)  # no rank left training

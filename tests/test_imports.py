@@ -5,7 +5,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"mobilenet_fn": ROOT / "mobilenet_fn", "mobilenet_fn.cli": ROOT / "cli"}  # cli/ installs as mobilenet_fn.cli
+# cli/ installs as mobilenet_fn.cli
+PACKAGES = {"mobilenet_fn": ROOT / "mobilenet_fn", "mobilenet_fn.cli": ROOT / "cli"}
 
 
 def modules() -> dict[str, Path]:

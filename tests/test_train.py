@@ -333,8 +333,8 @@ def test_the_step_takes_mixed_targets_and_counts_the_dominant_label():
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
 def test_keep_freed_memory_sets_both_of_glibcs_parameters():
     """On Linux the C library is found and glibc's mallopt accepts both settings (it returns 0 for one it refuses);
-    run in a fresh process, since the setting is the process's. Its effect was measured on training runs (README,
-    "What makes it fast"): an 8 MiB allocate-and-free loop does not show it."""
+    run in a fresh process, since the setting is the process's. Its effect was measured on training runs
+    (docs/performance.md, "What makes it fast"): an 8 MiB allocate-and-free loop does not show it."""
     code = "from mobilenet_fn.step import keep_freed_memory; print(keep_freed_memory())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
