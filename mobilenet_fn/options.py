@@ -75,7 +75,7 @@ def _flag(name: str) -> str:
 
 
 def _problems(o: TrainOptions):
-    """What is wrong with ``o``, one message per problem (None where nothing is)."""
+    """What is wrong with ``o``: one message per problem, a false value where there is none."""
     yield o.epochs < 1 and f"--epochs must be at least 1, got {o.epochs}"
     yield o.batch_size < 2 and f"--batch-size must be at least 2 (BatchNorm needs a batch), got {o.batch_size}"
     yield not o.lr > 0 and f"--lr must be > 0, got {o.lr}"

@@ -144,7 +144,7 @@ def test_the_compiled_bf16_step_computes_the_float32_loss_and_learns():
     # At initialisation in training mode, BatchNorm's backward leaves the early layers' gradients as small
     # differences of large terms, which bf16's rounding swamps (timm's too, under the same autocast); so the
     # compiled bf16 step is checked by its forward against float32's and by what its updates do: fit a batch.
-    # shallow (Table 5): the same layers, eight separable blocks rather than thirteen, compiled in two thirds the time
+    # shallow (Table 5): the same layers, eight separable blocks rather than thirteen, compiled in about half the time
     torch._dynamo.reset()
     cfg = Config(num_classes=10, resolution=64, shallow=True)
     params, state = init(cfg, torch.Generator().manual_seed(0))
