@@ -1,4 +1,5 @@
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -10,6 +11,18 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_flatten_with_path
 
 from mobilenet_fn import Config, init
+
+
+def build_the_command_line_once() -> None:
+    """typer's CliRunner builds the click command from the app's signatures on every invoke (about 30 ms: it
+    evaluates each option's annotations); the app does not change under the tests, so they build it once."""
+    import typer.testing
+
+    if not hasattr(typer.testing._get_command, "cache_info"):
+        typer.testing._get_command = functools.cache(typer.testing._get_command)
+
+
+build_the_command_line_once()
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,6 +1,7 @@
 """Data-parallel training with torchrun: 2 processes, Gloo on the loopback address, eager (no compile)."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,19 +85,31 @@ def folder(tmp_path_factory):
     del CLI[-2:]
 
 
-def test_cli_nproc_2_then_resume_with_1_process(tmp_path):
+EPOCHS = 8  # the SIGTERM test's job must still be training when the signal comes: an epoch takes 0.3 s
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """A torchrun job of 2 processes trained straight through EPOCHS epochs (its run folder and stderr): what a
+    job stopped and resumed must end as, and a run to resume with 1 process."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    done = subprocess.run([*CLI, "--nproc", "2", "--epochs", str(EPOCHS), "--out", str(run)], capture_output=True,
+                          text=True, timeout=300, env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run, done.stderr
+
+
+def test_cli_nproc_2_then_resume_with_1_process(straight, tmp_path):
     run = tmp_path / "run"
-    first = subprocess.run([*CLI, "--nproc", "2", "--epochs", "1", "--out", str(run)], capture_output=True,
-                           text=True, timeout=300, env=ENV)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert first.stderr.count("Training on") == 1  # only rank 0 reports
+    shutil.copytree(straight[0], run)
+    assert straight[1].count("Training on") == 1  # only rank 0 reports
     assert load_checkpoint(run / "last.ckpt")["world"] == 2
-    second = subprocess.run([*CLI, "--resume", str(run), "--epochs", "2"], capture_output=True, text=True,
-                            timeout=300, env=ENV)
-    assert second.returncode == 0, second.stderr[-3000:]
+    more = subprocess.run([*CLI, "--resume", str(run), "--epochs", str(EPOCHS + 1)], capture_output=True, text=True,
+                          timeout=300, env=ENV)
+    assert more.returncode == 0, more.stderr[-3000:]
     ckpt = load_checkpoint(run / "last.ckpt")
-    assert ckpt["epoch"] == 2 and ckpt["world"] == 1
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert ckpt["epoch"] == EPOCHS + 1 and ckpt["world"] == 1
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == EPOCHS + 1
 
 
 def _children(pid: int) -> list[int]:
@@ -139,30 +152,26 @@ def test_a_failing_rank_tears_down_without_waiting_for_the_others():
 
 
 @pytest.mark.slow
-def test_a_torchrun_job_stopped_by_sigterm_saves_its_place_and_resumes_bit_identically(tmp_path):
+def test_a_torchrun_job_stopped_by_sigterm_saves_its_place_and_resumes_bit_identically(straight, tmp_path):
     # Stopped by SIGTERM wherever it happens to be after epoch 1, resumed with 2 processes: the same
     # parameters as a run straight through. (Resumed with another process count, the per-process batch makes it
     # another optimisation, so there only the position is checked: test_cli_nproc_2_then_resume_with_1_process.)
-    args = [*CLI, "--nproc", "2", "--epochs", "8"]
-    straight = subprocess.run([*args, "--out", str(tmp_path / "straight")], capture_output=True, text=True,
-                              timeout=300, env=ENV)
-    assert straight.returncode == 0, straight.stderr[-3000:]
     run = tmp_path / "stopped"
     # As a scheduler does: SIGTERM to every process of the job (the launcher and both ranks).
-    with training_process([*args, "--out", run], run, ENV) as proc:
+    with training_process([*CLI, "--nproc", "2", "--epochs", str(EPOCHS), "--out", run], run, ENV) as proc:
         first_written = (run / "last.ckpt").stat().st_mtime_ns  # the end of epoch 1
         stderr = stop(proc, after=0.5)  # at once: a warm cache trains an epoch in well under a second
     assert proc.returncode == 143, stderr[-3000:]
     assert "Interrupted. Saved" in stderr and "--resume" in stderr
     stopped_at = load_checkpoint(run / "last.ckpt")
-    assert stopped_at["epoch"] < 8 and stopped_at["world"] == 2
+    assert stopped_at["epoch"] < EPOCHS and stopped_at["world"] == 2
     # Written again, where the signal stopped the job (on a loaded machine that may be before epoch 2's first step)
     assert (run / "last.ckpt").stat().st_mtime_ns > first_written and stopped_at["step"] >= STEPS
     assert stopped_at["step"] == stopped_at["epoch"] * STEPS + stopped_at["batch_in_epoch"]
     resumed = subprocess.run([*CLI, "--nproc", "2", "--resume", str(run)], capture_output=True, text=True,
                              timeout=300, env=ENV)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = load_checkpoint(tmp_path / "straight" / "last.ckpt"), load_checkpoint(run / "last.ckpt")
-    assert b["epoch"] == 8 and b["world"] == 2
+    a, b = load_checkpoint(straight[0] / "last.ckpt"), load_checkpoint(run / "last.ckpt")
+    assert b["epoch"] == EPOCHS and b["world"] == 2
     assert_trees_close((a["params"], a["state"], a["opt_state"]), (b["params"], b["state"], b["opt_state"]),
                        atol=0, rtol=0)

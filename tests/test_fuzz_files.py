@@ -366,6 +366,9 @@ def drive(folder: Path, long: bool, part: int = 0, parts: int = 1) -> dict:
     from mobilenet_fn.checkpoint import load_checkpoint
     from mobilenet_fn.weights import WeightsError, load_weights
 
+    from conftest import build_the_command_line_once
+
+    build_the_command_line_once()
     torch.set_num_threads(1)
     runner = CliRunner()
     image, path, out = folder / "img.png", folder / "case.pkl", folder / "out.pkl"
