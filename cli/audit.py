@@ -24,8 +24,16 @@ def audit(
     weights: Annotated[Optional[Path], Opt(help="Judge with this trained model instead of K-fold training: quick, "
                                                 "but biased where it was trained on these images.")] = None,
     folds: Annotated[int, Opt(help="K of the K-fold training that predicts every image out of sample.")] = 3,
-    epochs: Annotated[int, Opt(help="Epochs of each fold's training (train's recipe at a short budget).")] = 6,
-    alpha: Annotated[float, Opt("--alpha", "-a", help="Width multiplier of the fold models.")] = 0.25,
+    epochs: Annotated[Optional[int], Opt(help="Most epochs of each fold's training; default by the data's size "
+                                              "(about as many pixels as 6 epochs of Fashion-MNIST), each fold stopping "
+                                              "early once its held-out part stops improving.")] = None,
+    init: Annotated[Optional[Path], Opt("--init", help="Start every fold from these weights (e.g. converted ImageNet "
+                                                       "weights): a far better judge of photos.")] = None,
+    freeze_backbone: Annotated[bool, Opt(help="With --init: train only the classifier (a linear model on the "
+                                              "pretrained embeddings, quick); --no-freeze-backbone fine-tunes all.")
+                               ] = True,
+    alpha: Annotated[float, Opt("--alpha", "-a", help="Width multiplier of the fold models (with --init: the "
+                                                      "file's).")] = 0.25,
     resolution: Annotated[Optional[int], Opt("--resolution", "-r", help="Input size; default per data, as train "
                                                                         "(32 for sample and fashion-mnist).")] = None,
     batch_size: Annotated[int, Opt("--batch-size", "-b", help="Images per training step.")] = 64,
@@ -54,6 +62,8 @@ def audit(
     import dataclasses
 
     t0 = time.perf_counter()
+    import torch
+
     from mobilenet_fn import audit as audit_lib
     from mobilenet_fn.audit_report import check_outside, default_out_dir, write_report
     from mobilenet_fn.extras import require
@@ -74,17 +84,18 @@ def audit(
         raise UserError(f"{out} already exists; pick another --out")
     if out is not None and Path(data).expanduser().is_dir():
         check_outside(out, data)
-    trained = None
-    if weights is not None:
-        from mobilenet_fn.weights import load_weights
+    if weights is not None and init is not None:
+        raise UserError("--weights judges with one trained model, --init starts K-fold training from one: give one")
+    if folds < 2:
+        raise UserError(f"--folds must be at least 2, got {folds}")
+    if epochs is not None and epochs < 1:
+        raise UserError(f"--epochs must be at least 1, got {epochs}")
+    from mobilenet_fn.weights import load_weights
 
-        trained = load_weights(weights)
-        resolution = resolution or trained.preprocess["resolution"]
-    else:
-        opts = TrainOptions(data=data, epochs=epochs, batch_size=batch_size, lr=lr, augment=augment, compile=compile,
-                            amp=amp, seed=seed, device=str(dev), workers=0)
-        if folds < 2:
-            raise UserError(f"--folds must be at least 2, got {folds}")
+    trained = load_weights(weights) if weights is not None else None
+    start = load_weights(init) if init is not None else None
+    given = trained or start
+    resolution = resolution or (given.preprocess["resolution"] if given else None)
     with decoding() as progress:
         pool, reports = audit_lib.load_pool(data, resolution=resolution, val_split=val_split, seed=seed, device=dev,
                                             progress=progress)
@@ -102,9 +113,24 @@ def audit(
                   "K-fold training (without --weights) is the unbiased audit.[/]")
         settings = {"weights": str(weights)}
     else:
-        cfg = Config(alpha=alpha, resolution=pool.preprocess["resolution"], num_classes=len(pool.classes))
+        resolution = pool.preprocess["resolution"]
+        base = start.config if start else Config(alpha=alpha)
+        cfg = dataclasses.replace(base, resolution=resolution, num_classes=len(pool.classes), dropout=0.0)
+        fold_train = len(pool) - len(pool) // folds
+        opts = TrainOptions(data=data, epochs=epochs or audit_lib.fold_epochs(fold_train, resolution),
+                            batch_size=batch_size, lr=lr, augment=augment, compile=compile, amp=amp, seed=seed,
+                            device=str(dev), workers=0, init_weights=str(init) if init else None,
+                            freeze_backbone=bool(start) and freeze_backbone)
+        first = None
+        if start is not None:
+            from mobilenet_fn.model import with_classifier_for
+
+            first = (with_classifier_for(cfg, start.params, torch.Generator().manual_seed(seed)), start.state)
+        err.print(escape(f"{folds} folds of up to {opts.epochs} epochs"
+                         + (f" from {init}" + (" (classifier only)" if opts.freeze_backbone else "") if init else "")),
+                  highlight=False, soft_wrap=True)
         outputs, view, shown = None, None, 0
-        for event in audit_lib.out_of_sample(pool, cfg, opts, folds=folds, grad=grad, device=dev):
+        for event in audit_lib.out_of_sample(pool, cfg, opts, folds=folds, grad=grad, device=dev, start=first):
             if isinstance(event, audit_lib.Outputs):
                 outputs = event
                 continue
@@ -140,7 +166,8 @@ def _summary_table(pool, result, report) -> None:
     meaning = {"label": "given label probably wrong (confident learning)", "conflict": "same image, other label",
                "leak": "validation image copied in train", "duplicate": "copy within a class and split",
                "outlier": "far from every class"}
-    table = Table(title=f"Audit of {pool.name}: out-of-sample top-1 {100 * report['out_of_sample_top1']:.1f}%")
+    table = Table(title=f"Audit of {pool.name}: out-of-sample top-1 {100 * report['out_of_sample_top1']:.1f}% "
+                        f"(chance {100 * report['chance_top1']:.1f}%)")
     for column, justify in (("kind", "left"), ("images", "right"), ("meaning", "left"), ("most suspect", "left")):
         table.add_column(column, justify=justify)
     for kind in KINDS:
@@ -152,6 +179,9 @@ def _summary_table(pool, result, report) -> None:
                      f"{pool.classes[i.suggested]} ({i.score:.3f})")
         table.add_row(kind, str(report["counts"][kind]), meaning[kind], escape(first))
     err.print(table)
+    if not result.judge.flags_labels:
+        verdict = result.judge.verdict()
+        err.print(f"[yellow]{escape(verdict[0].upper() + verdict[1:])}.[/]", highlight=False, soft_wrap=True)
     if pool.skipped:
         err.print(escape(f"Skipped {len(pool.skipped)} unreadable image(s), e.g. {pool.skipped[0]}"), highlight=False,
                   soft_wrap=True)

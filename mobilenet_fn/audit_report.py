@@ -39,19 +39,34 @@ def _row(pool: Pool, issue: Issue) -> dict:
             "other": "" if issue.other is None else pool.names[issue.other]}
 
 
+def fitted(draw, text: str, width: float) -> str:
+    """``text`` as drawn by ``draw`` in at most ``width`` pixels: whole, or cut with an ellipsis."""
+    if draw.textlength(text) <= width:
+        return text
+    while text and draw.textlength(text + "…") > width:
+        text = text[:-1]
+    return text + "…"
+
+
 def contact_sheet(pool: Pool, issues: list[Issue], title: str, *, top: int = 24, columns: int = 6,
-                  thumb: int = 96) -> bytes:
-    """A PNG of the first ``top`` issues: each tile the image (and the one it duplicates, beside it), given ->
-    suggested label and the score."""
+                  thumb: int = 96, widest: int = 200) -> bytes:
+    """A PNG of the first ``top`` issues: each tile the image (and the one it duplicates, beside it), under it the
+    given label, the suggested one and the score, one to a line. A tile is as wide as its longest class name up to
+    ``widest`` pixels; a longer name is cut with an ellipsis."""
     from PIL import Image, ImageDraw
 
     shown = issues[:top]
     pair = any(i.other is not None for i in shown)
-    tile_w, text_h = thumb * (2 if pair else 1) + 8, 30
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    names = {c for i in shown for c in (pool.classes[pool.labels[i.index]], pool.classes[i.suggested])}
+    label_w = max((draw.textlength(f"-> {c}") for c in names), default=0)
+    tile_w = max(thumb * (2 if pair else 1), min(int(label_w) + 2, widest)) + 8
+    line_h, lines = 13, 3
+    text_h = line_h * lines + 4
     rows = max(1, math.ceil(len(shown) / columns))
-    sheet = Image.new("RGB", (columns * tile_w, 24 + rows * (thumb + text_h + 8)), "white")
+    sheet = Image.new("RGB", (max(1, min(len(shown), columns)) * tile_w, 24 + rows * (thumb + text_h + 8)), "white")
     draw = ImageDraw.Draw(sheet)
-    draw.text((6, 6), title, fill="black")
+    draw.text((6, 6), fitted(draw, title, sheet.width - 12), fill="black")
 
     def thumbnail(i: int) -> Image.Image:
         x = pool.pixels(i)
@@ -64,8 +79,9 @@ def contact_sheet(pool: Pool, issues: list[Issue], title: str, *, top: int = 24,
         if issue.other is not None:
             sheet.paste(thumbnail(issue.other), (x0 + thumb, y0))
         given, suggested = pool.classes[pool.labels[issue.index]], pool.classes[issue.suggested]
-        draw.text((x0, y0 + thumb + 2), f"{given[:14]} -> {suggested[:14]}", fill="black")
-        draw.text((x0, y0 + thumb + 15), f"{issue.kind} {issue.score:.3f}", fill=(160, 0, 0))
+        caption = [(given, "black"), (f"-> {suggested}", "black"), (f"{issue.kind} {issue.score:.3f}", (160, 0, 0))]
+        for k, (text, colour) in enumerate(caption):
+            draw.text((x0, y0 + thumb + 2 + k * line_h), fitted(draw, text, tile_w - 8), fill=colour)
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -80,8 +96,9 @@ def summary(pool: Pool, outputs: Outputs, result: Audit) -> dict:
     return {
         "data": pool.name, "images": len(pool), "classes": pool.classes,
         "train_images": int((~pool.is_val).sum()), "val_images": int(pool.is_val.sum()),
-        "probabilities": probs_from, "fold_top1": outputs.fold_top1,
-        "out_of_sample_top1": (result.signals["suggested"] == pool.labels).float().mean().item(),
+        "probabilities": probs_from, "fold_top1": outputs.fold_top1, "fold_epochs": outputs.fold_epochs,
+        "out_of_sample_top1": result.judge.top1, "chance_top1": result.judge.chance, "judge_kappa": result.judge.kappa,
+        "labels_flagged": result.judge.flags_labels, "judge": result.judge.verdict(),
         "gradient_norm": {"head": "per-sample gradient of the cross-entropy with respect to the classifier's "
                                   "weights and bias (vmap of grad)",
                           "full": "per-sample gradient of the cross-entropy with respect to every parameter "

@@ -3,6 +3,7 @@ match plain references; `train --exclude/--split` use what it writes; bad input 
 touched."""
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -166,6 +167,124 @@ def test_audit_ranks_the_planted_label_errors_first(tmp_path):
     assert {r["file"] for r in labels} == set(planted["wrong"])
     assert all((r["given_label"], r["suggested_label"]) == ("green", "red") for r in labels)
     assert Image.open(out / "suspects-label.png").size[0] > 100
+    assert report["labels_flagged"] and report["judge_kappa"] >= audit_lib.JUDGE_MIN_KAPPA
+
+
+def test_a_judge_near_chance_ranks_the_labels_but_flags_none(tmp_path):
+    # The hand-built judge with its classes shuffled: right on almost none (chance: 43 of 125). Confident
+    # learning would flag most of the folder; the audit says why it flags none and still finds the copies.
+    root = tmp_path / "data"
+    planted = make_folder(root)
+    hand_built_judge(tmp_path / "judge.pkl", root)
+    from mobilenet_fn.weights import load_weights
+
+    judge = load_weights(tmp_path / "judge.pkl")
+    fc = judge.params["fc"]
+    judge.params["fc"] = {"weight": fc["weight"][[1, 2, 0]], "bias": fc["bias"][[1, 2, 0]]}
+    save_weights(tmp_path / "weak.pkl", judge)
+    out = tmp_path / "report"
+    result = runner.invoke(app, ["audit", str(root), "--weights", str(tmp_path / "weak.pkl"), "--device", "cpu",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["out_of_sample_top1"] < 0.1 and not report["labels_flagged"]
+    assert report["chance_top1"] == pytest.approx(43 / 125)  # green: 40 pictures and the 3 red ones filed there
+    rows = rows_of(out / "issues.csv")
+    assert not [r for r in rows if r["kind"] == "label"]
+    assert {frozenset((r["file"], r["other"])) for r in rows} == {frozenset(planted["exact"]),
+                                                                    frozenset(planted["near"])}
+    assert "no label is flagged" in " ".join(result.output.split())
+    quality = [float(r["quality"]) for r in rows_of(out / "signals.csv")]
+    assert len(quality) == report["images"] and len(set(quality)) > 1  # still ranked
+
+
+def test_judge_kappa_is_its_top1_above_the_commonest_class():
+    labels = torch.tensor([0] * 6 + [1] * 2 + [2] * 2)
+    logits = F.one_hot(torch.tensor([0] * 6 + [2] * 2 + [1, 2]), 3).float()  # 7 of 10 right; chance 6 of 10
+    judge = audit_lib.judge_of(logits, labels, 3)
+    assert judge.top1 == pytest.approx(0.7) and judge.chance == pytest.approx(0.6)
+    assert judge.kappa == pytest.approx(0.25) and not judge.flags_labels
+    assert audit_lib.judge_of(F.one_hot(labels, 3).float(), labels, 3).kappa == pytest.approx(1.0)
+
+
+def test_fold_epochs_follow_the_data_size():
+    assert audit_lib.fold_epochs(46_667, 32) == 6  # Fashion-MNIST's 70,000 in 3 folds: the budget's own figure
+    assert audit_lib.fold_epochs(1_467, 96) == 21  # 2,200 photos in 3 folds
+    assert audit_lib.fold_epochs(60_000, 224) == audit_lib.FOLD_EPOCHS[0]
+    assert audit_lib.fold_epochs(80, 32) == audit_lib.FOLD_EPOCHS[1]
+
+
+def test_a_fold_stops_once_its_held_out_part_stops_improving_and_judges_with_its_best_epoch(tmp_path, monkeypatch):
+    from mobilenet_fn import options as options_lib
+    from mobilenet_fn import train as train_lib
+
+    root = tmp_path / "data"
+    make_folder(root)
+    pool, _ = audit_lib.load_pool(str(root), resolution=32)
+    validated, kept = [], {}
+
+    class Declining(train_lib.Trainer):
+        """Held-out accuracy falls after epoch 2 (as if overfitting); epoch 2's parameters are remembered."""
+
+        def validate(self, source, params=None, state=None):
+            result = super().validate(source, params, state)
+            validated.append(self.epoch)
+            if self.epoch == 2:
+                kept[len(kept)] = params["fc"]["weight"].clone()
+            return {**result, "top1": 1.0 - abs(self.epoch - 2) / 10}
+
+    monkeypatch.setattr(train_lib, "Trainer", Declining)
+    judged = []
+    monkeypatch.setattr(audit_lib, "model_outputs", lambda cfg, params, *a, **k: (
+        judged.append(params["fc"]["weight"].clone()),
+        {"logits": torch.zeros(len(a[1]), 3), "embeddings": torch.zeros(len(a[1]), 8)})[1])
+    opts = options_lib.TrainOptions(data=str(root), epochs=10, batch_size=8, compile="off", workers=0)
+    cfg = Config(alpha=0.25, resolution=32, num_classes=3)
+    outputs = list(audit_lib.out_of_sample(pool, cfg, opts, folds=2, grad="off", patience=2))[-1]
+    assert outputs.fold_epochs == [2, 2]
+    assert validated == [1, 2, 3, 4] * 2  # two epochs without a gain, then the next fold
+    # Fold 1: its embeddings and its held-out logits; fold 2: its held-out logits. Each from its epoch 2.
+    assert torch.equal(judged[0], kept[0]) and torch.equal(judged[1], kept[0]) and torch.equal(judged[2], kept[1])
+
+
+def test_init_starts_every_fold_from_the_given_weights(tmp_path):
+    # At a learning rate too small to move anything, K-fold training from the hand-built judge judges as it does;
+    # from scratch it could not (test_a_judge_near_chance_ranks_the_labels_but_flags_none shows chance).
+    root = tmp_path / "data"
+    planted = make_folder(root)
+    hand_built_judge(tmp_path / "judge.pkl", root)
+    out = tmp_path / "report"
+    result = runner.invoke(app, ["audit", str(root), "--init", str(tmp_path / "judge.pkl"), "--folds", "2",
+                                 "--epochs", "1", "--lr", "1e-9", "--augment", "none", "--compile", "off",
+                                 "--batch-size", "8", "--grad", "off", "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["out_of_sample_top1"] == pytest.approx((3 * PER_CLASS + 2) / report["images"])
+    assert report["train"]["freeze_backbone"] and report["train"]["init_weights"] == str(tmp_path / "judge.pkl")
+    assert {r["file"] for r in rows_of(out / "issues.csv") if r["kind"] == "label"} == set(planted["wrong"])
+    one_line_error(runner.invoke(app, ["audit", str(root), "--init", str(tmp_path / "judge.pkl"), "--weights",
+                                       str(tmp_path / "judge.pkl"), "--out", str(tmp_path / "both")]), "give one")
+
+
+def test_contact_sheet_captions_fit_their_tiles(tmp_path):
+    from PIL import ImageDraw
+
+    from mobilenet_fn.audit_report import contact_sheet, fitted
+
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    assert fitted(draw, "ball", 200) == "ball"
+    cut = fitted(draw, "professional_tennis_racket_and_more", 96)
+    assert cut.endswith("…") and draw.textlength(cut) <= 96 and "professional_tennis_racket_and_more".startswith(
+        cut[:-1])
+    root = tmp_path / "data"
+    make_folder(root, mislabeled=0)
+    pool, _ = audit_lib.load_pool(str(root), resolution=32)
+    issues = [audit_lib.Issue(i, "label", 0.5, (pool.labels[i].item() + 1) % 3) for i in range(12)]
+    short = Image.open(io.BytesIO(contact_sheet(pool, issues, "t", columns=6)))
+    pool.classes = ["professional_tennis_player", "beer_barrel", "stemma"]
+    long = Image.open(io.BytesIO(contact_sheet(pool, issues, "t", columns=6)))
+    widest = max(draw.textlength(f"-> {c}") for c in pool.classes)
+    assert long.width >= 6 * widest > short.width  # each tile as wide as its longest caption
 
 
 def test_fix_split_keeps_each_duplicate_group_on_one_side(audited):
