@@ -34,8 +34,9 @@ def audit(
                                ] = True,
     alpha: Annotated[float, Opt("--alpha", "-a", help="Width multiplier of the fold models (with --init: the "
                                                       "file's).")] = 0.25,
-    resolution: Annotated[Optional[int], Opt("--resolution", "-r", help="Input size; default per data, as train "
-                                                                        "(32 for sample and fashion-mnist).")] = None,
+    resolution: Annotated[Optional[int], Opt("--resolution", "-r", help="Input size; default 32 for sample and "
+                                                                        "fashion-mnist, 96 for folders (with "
+                                                                        "--weights or --init: the file's).")] = None,
     batch_size: Annotated[int, Opt("--batch-size", "-b", help="Images per training step.")] = 64,
     lr: Annotated[float, Opt(help="Peak learning rate of the fold models.")] = 0.1,
     augment: Annotated[str, Opt(help="crop-flip or none, as train.")] = "crop-flip",
@@ -94,8 +95,11 @@ def audit(
 
     trained = load_weights(weights) if weights is not None else None
     start = load_weights(init) if init is not None else None
+    from mobilenet_fn.data import DEFAULT_RESOLUTION
+
     given = trained or start
-    resolution = resolution or (given.preprocess["resolution"] if given else None)
+    resolution = resolution or (given.preprocess["resolution"] if given else None) or (
+        None if data in DEFAULT_RESOLUTION else audit_lib.JUDGE_RESOLUTION)
     with decoding() as progress:
         pool, reports = audit_lib.load_pool(data, resolution=resolution, val_split=val_split, seed=seed, device=dev,
                                             progress=progress)
