@@ -67,10 +67,12 @@ def audit(
 
     from mobilenet_fn import audit as audit_lib
     from mobilenet_fn.audit_report import check_outside, default_out_dir, write_report
+    from mobilenet_fn.data import DEFAULT_RESOLUTION
     from mobilenet_fn.extras import require
     from mobilenet_fn.model import Config
     from mobilenet_fn.step import keep_freed_memory
     from mobilenet_fn.train import TrainOptions
+    from mobilenet_fn.weights import load_weights
 
     from .progress import TrainProgress, decoding, report_cache
 
@@ -91,12 +93,8 @@ def audit(
         raise UserError(f"--folds must be at least 2, got {folds}")
     if epochs is not None and epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {epochs}")
-    from mobilenet_fn.weights import load_weights
-
     trained = load_weights(weights) if weights is not None else None
     start = load_weights(init) if init is not None else None
-    from mobilenet_fn.data import DEFAULT_RESOLUTION
-
     given = trained or start
     resolution = resolution or (given.preprocess["resolution"] if given else None) or (
         None if data in DEFAULT_RESOLUTION else audit_lib.JUDGE_RESOLUTION)
@@ -125,14 +123,13 @@ def audit(
                             batch_size=batch_size, lr=lr, augment=augment, compile=compile, amp=amp, seed=seed,
                             device=str(dev), workers=0, init_weights=str(init) if init else None,
                             freeze_backbone=bool(start) and freeze_backbone)
-        first = None
+        first, how = None, ""
         if start is not None:
             from mobilenet_fn.model import with_classifier_for
 
             first = (with_classifier_for(cfg, start.params, torch.Generator().manual_seed(seed)), start.state)
-        err.print(escape(f"{folds} folds of up to {opts.epochs} epochs"
-                         + (f" from {init}" + (" (classifier only)" if opts.freeze_backbone else "") if init else "")),
-                  highlight=False, soft_wrap=True)
+            how = f" from {init}, training " + ("the classifier only" if opts.freeze_backbone else "every layer")
+        err.print(escape(f"{folds} folds of up to {opts.epochs} epochs{how}"), highlight=False, soft_wrap=True)
         outputs, view, shown = None, None, 0
         for event in audit_lib.out_of_sample(pool, cfg, opts, folds=folds, grad=grad, device=dev, start=first):
             if isinstance(event, audit_lib.Outputs):
