@@ -3,8 +3,6 @@ import functools
 import os
 import signal
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,34 +23,6 @@ def build_the_command_line_once() -> None:
 
 
 build_the_command_line_once()
-
-
-# Jobs of a minute or more in one process (a cold torch.compile) start as soon as the run's tests are known and
-# run beside the others, which leave a core idle much of the time; the test that needs one waits for its result.
-_early: dict[str, tuple[subprocess.Popen, Path]] = {}
-
-
-def _start(item) -> tuple[subprocess.Popen, Path]:
-    job = item.get_closest_marker("start_early").args[0]
-    out = Path(tempfile.mkdtemp(prefix="early-")) / f"{job}.pt"
-    proc = subprocess.Popen([sys.executable, str(item.path), job, str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    return proc, out
-
-
-def pytest_collection_finish(session):
-    for item in session.items:
-        if item.get_closest_marker("start_early"):
-            _early[item.nodeid] = _start(item)
-
-
-@pytest.fixture
-def early_result(request):
-    """What the job of this test's ``start_early`` marker saved (torch.save), once it has finished."""
-    proc, out = _early.pop(request.node.nodeid, None) or _start(request.node)
-    _, stderr = proc.communicate(timeout=900)
-    assert proc.returncode == 0, stderr[-3000:]
-    return torch.load(out)
 
 
 @pytest.fixture(autouse=True, scope="session")
