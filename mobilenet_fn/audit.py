@@ -51,9 +51,9 @@ OUTLIER_MADS = 6.0  # an outlier's distance to the nearest class centroid is thi
 OUTLIER_FLOOR = 0.5  # and at least this (1 - cosine; 60 degrees), so that a tight, clean set flags none
 GRAD_CHOICES = ("head", "full", "off")
 # Confident learning flags an image whose given label the judge finds unlikely: sound only when the judge is good.
-# A judge whose held-out top-1 is not at least halfway from chance (the commonest class's share) to 100 % (Cohen's
-# kappa 0.5) mistakes hard images for wrong labels as often as it finds them (bench/audit_noise.py on photos: at
-# 19 % top-1, 11 classes, it flagged 47 % of the images): the audit then ranks the labels and flags none.
+# A judge whose held-out top-1 is not at least halfway from chance (the commonest class's share) to 100 % (kappa
+# 0.5) mistakes hard images for wrong labels about as often as it finds them (on 2,145 photos of 11 classes a judge
+# of 19 % flagged 47 % of them; bench/audit_photos.py): the audit then ranks the labels and flags none.
 JUDGE_MIN_KAPPA = 0.5
 # Each fold model trains on as many pixels as the Fashion-MNIST audit's did (6 epochs of 46,667 images at 32 px):
 # 1,500 training photos at 96 px get 21 epochs. It stops early when its held-out fold has not improved for
@@ -410,7 +410,8 @@ class Judge:
 
     @property
     def kappa(self) -> float:
-        """Cohen's kappa against chance: 0 no better than chance, 1 every image right."""
+        """The top-1's share of the way from chance to 100 % (Cohen's kappa with chance as the commonest class):
+        0 no better than chance, 1 every image right."""
         return (self.top1 - self.chance) / (1 - self.chance) if self.chance < 1 else 0.0
 
     @property
