@@ -181,8 +181,7 @@ def _summary_table(pool, result, report) -> None:
         table.add_row(kind, str(report["counts"][kind]), meaning[kind], escape(first))
     err.print(table)
     if not result.judge.flags_labels:
-        verdict = result.judge.verdict()
-        err.print(f"[yellow]{escape(verdict[0].upper() + verdict[1:])}.[/]", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]{escape(result.judge.verdict())}[/]", highlight=False, soft_wrap=True)
     if pool.skipped:
         err.print(escape(f"Skipped {len(pool.skipped)} unreadable image(s), e.g. {pool.skipped[0]}"), highlight=False,
                   soft_wrap=True)

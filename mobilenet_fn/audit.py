@@ -420,12 +420,12 @@ class Judge:
 
     def verdict(self) -> str:
         """One line on what the judge can be trusted with."""
-        said = f"the judge's top-1 is {100 * self.top1:.1f}% (chance {100 * self.chance:.1f}%, kappa {self.kappa:.2f})"
+        said = f"The judge's top-1 is {100 * self.top1:.1f}% (chance {100 * self.chance:.1f}%, kappa {self.kappa:.2f})"
         if self.flags_labels:
-            return f"{said}: label issues flagged by confident learning"
+            return f"{said}: label issues flagged by confident learning."
         return (f"{said}: too weak to tell a wrong label from a hard image, so no label is flagged; signals.csv "
                 f"ranks them (quality, low first). Train the folds longer (--epochs) or start them from pretrained "
-                f"weights (--init)")
+                f"weights (--init).")
 
 
 def judge_of(logits: torch.Tensor, labels: torch.Tensor, k: int) -> Judge:
@@ -473,8 +473,8 @@ def audit(pool: Pool, outputs: Outputs, *, embed: str = "pixels", threshold: flo
     if outputs.grad_norm is not None:
         signals["grad_norm"] = outputs.grad_norm
     judge = judge_of(outputs.logits, labels, len(pool.classes))
-    issues = [Issue(i, "label", 1 - quality[i].item(), signals["suggested"][i].item())
-              for i in (ranked.tolist() if judge.flags_labels else [])]
+    flagged = ranked.tolist() if judge.flags_labels else []
+    issues = [Issue(i, "label", 1 - quality[i].item(), signals["suggested"][i].item()) for i in flagged]
 
     e = normalised(outputs.embeddings)
     d = thumbnails(pool) if embed == "pixels" else e

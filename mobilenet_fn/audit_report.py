@@ -61,8 +61,8 @@ def contact_sheet(pool: Pool, issues: list[Issue], title: str, *, top: int = 24,
     names = {c for i in shown for c in (pool.classes[pool.labels[i.index]], pool.classes[i.suggested])}
     label_w = max((draw.textlength(f"-> {c}") for c in names), default=0)
     tile_w = max(thumb * (2 if pair else 1), min(int(label_w) + 2, widest)) + 8
-    line_h, lines = 13, 3
-    text_h = line_h * lines + 4
+    line_h = 13
+    text_h = 3 * line_h + 4  # given, suggested, kind and score
     rows = max(1, math.ceil(len(shown) / columns))
     sheet = Image.new("RGB", (max(1, min(len(shown), columns)) * tile_w, 24 + rows * (thumb + text_h + 8)), "white")
     draw = ImageDraw.Draw(sheet)

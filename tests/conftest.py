@@ -18,8 +18,9 @@ def build_the_command_line_once() -> None:
     evaluates each option's annotations); the app does not change under the tests, so they build it once."""
     import typer.testing
 
-    if not hasattr(typer.testing._get_command, "cache_info"):
-        typer.testing._get_command = functools.cache(typer.testing._get_command)
+    build = getattr(typer.testing, "_get_command", None)  # typer's own name: without it, tests build it each time
+    if build is not None and not hasattr(build, "cache_info"):
+        typer.testing._get_command = functools.cache(build)
 
 
 build_the_command_line_once()
